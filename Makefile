@@ -1,0 +1,45 @@
+# The commands a newcomer needs: `make run` and `make test`. Everything installs into .venv/.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+# GPU users: make setup TORCH_INDEX=https://download.pytorch.org/whl/cu128 (see README)
+TORCH_INDEX ?=
+NPROC ?= 2
+ARGS ?=
+
+.PHONY: setup run test lint format chaos bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an open range would pull a multi-GB CUDA build on a CPU machine.
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) --max-restarts=3 train/main.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q tests/unit tests/dist tests/e2e
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+chaos: setup
+	$(PY) -m pytest -q -m chaos tests/chaos
+
+bench: setup
+	$(PY) tests/bench/run.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

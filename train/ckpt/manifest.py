@@ -1,0 +1,93 @@
+"""Checkpoint naming, (de)serialisation and the manifest that makes a checkpoint verifiable."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+import xxhash
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_NAME = re.compile(r"step_(\d{8})")
+
+
+def name_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(name: str) -> int | None:
+    m = _NAME.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def checksum(data: bytes | memoryview) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def serialize(file: str, obj: Any) -> bytes:
+    """``*.safetensors``: a flat {name: tensor} dict; ``*.pt``: anything weights_only can load."""
+    if file.endswith(".safetensors"):
+        return safetensors.torch.save(obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def deserialize(file: str, data: bytes) -> Any:
+    if file.endswith(".safetensors"):
+        return safetensors.torch.load(data)
+    # weights_only: a checkpoint is data, never code, even if someone else wrote it.
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+
+
+def build(step: int, blobs: dict[str, bytes], meta: dict[str, Any]) -> bytes:
+    manifest = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "time": time.time(),
+        "torch": torch.__version__,
+        "files": {f: {"size": len(b), "xxh3_64": checksum(b)} for f, b in sorted(blobs.items())},
+        **meta,
+    }
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+@dataclass
+class Problem(Exception):
+    """Why a checkpoint is not valid, in words for a log line."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+def parse(raw: bytes | None, expected_step: int) -> dict:
+    if raw is None:
+        raise Problem("no manifest.json (incomplete write)")
+    try:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise Problem("manifest.json is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise Problem("manifest.json has no file list")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise Problem(f"manifest format {manifest.get('format')!r}, this build reads {FORMAT_VERSION}")
+    if manifest.get("step") != expected_step:
+        raise Problem(f"manifest says step {manifest.get('step')!r}, directory says {expected_step}")
+    return manifest
+
+
+def check_file(manifest: dict, file: str, data: bytes) -> None:
+    entry = manifest["files"][file]
+    if len(data) != entry["size"]:
+        raise Problem(f"{file}: {len(data)} bytes, manifest says {entry['size']} (truncated or torn)")
+    if checksum(data) != entry["xxh3_64"]:
+        raise Problem(f"{file}: checksum mismatch (corrupt)")

@@ -1,0 +1,61 @@
+"""Small collectives on raw bytes and flags, the only ones the job adds to the model's own.
+
+Bytes travel as uint8 tensors (no pickle on the wire); every helper is a no-op without a group.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _active() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_bytes(data: bytes | None, device: torch.device, src: int = 0) -> bytes:
+    if not _active():
+        assert data is not None
+        return data
+    length = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=device)
+    dist.broadcast(length, src)
+    if dist.get_rank() == src:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)  # type: ignore[arg-type]
+    else:
+        buf = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+    if buf.numel():
+        dist.broadcast(buf, src)
+    return data if dist.get_rank() == src else bytes(buf.cpu().numpy())  # type: ignore[return-value]
+
+
+def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:
+    if not _active():
+        return [data]
+    world = dist.get_world_size()
+    length = torch.tensor([len(data)], dtype=torch.long, device=device)
+    lengths = [torch.zeros_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    size = int(max(t.item() for t in lengths))
+    mine = torch.zeros(size, dtype=torch.uint8, device=device)
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return [bytes(p[: int(n.item())].cpu().numpy()) for p, n in zip(parts, lengths, strict=True)]
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any rank (so all ranks act at the same step)."""
+    if not _active():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def mean(value: torch.Tensor) -> torch.Tensor:
+    """Global mean of a per-rank scalar (a detached copy)."""
+    value = value.detach().clone()
+    if _active():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value

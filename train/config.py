@@ -1,0 +1,225 @@
+"""The one typed config tree, parsed from a config file and CLI overrides by tyro.
+
+Validation happens here, before any process group exists, so bad input costs one line and no
+rendezvous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import hashlib
+import io
+import json
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomllib
+import tyro
+
+from train.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """Text file or folder of text files to train on; default: this Python's standard library sources."""
+    cache_dir: str = "~/.cache/ftjob"
+    """Where prepared token files are kept (one per corpus, reused across runs)."""
+    seq_len: int = 128
+    """Context length in bytes (tokens)."""
+    val_every: int = 20
+    """Every N-th source file (in sorted order) goes to the validation split."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+
+
+@dataclass
+class CkptConfig:
+    interval: int = 50
+    """Save every N optimizer steps (and at the end). 0 disables periodic saves."""
+    keep: int = 3
+    """Keep the newest N valid checkpoints."""
+    async_save: Annotated[bool, tyro.conf.arg(name="async")] = True
+    """Serialise and commit in a background thread; the step loop only pays for a memory snapshot."""
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto: nccl on CUDA, else gloo."""
+    init_timeout_s: float = 120.0
+    """Bound on process-group set-up and the first collectives (torch's default is 30 min)."""
+    timeout_s: float = 60.0
+    """Collective timeout once the first step has completed."""
+
+
+@dataclass
+class WatchdogConfig:
+    enabled: bool = True
+    timeout_s: float = 0.0
+    """Exit a rank whose step makes no progress this long; 0: derive from observed step times."""
+    min_timeout_s: float = 60.0
+    """Floor of the derived timeout."""
+    factor: float = 20.0
+    """Derived timeout = factor x median step time (at least min_timeout_s)."""
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    """Directory for checkpoints, metrics.jsonl and the resolved config."""
+    max_steps: int = 300
+    """Optimizer steps to train in total (across restarts)."""
+    seed: int = 1337
+    global_batch_size: int = 32
+    """Samples per optimizer step across all ranks."""
+    micro_batch_size: int | None = None
+    """Samples per rank per forward; default: global_batch_size / world_size (no accumulation)."""
+    task: str = "train.lm:build"
+    """module:function returning a train.task.Task (see README, 'Bring your own model')."""
+    log_interval: int = 10
+    eval_interval: int = 100
+    """Validation every N steps (and at the end); 0 disables."""
+    eval_batches: int = 8
+    sample_bytes: int = 200
+    """Bytes of text rank 0 generates at the end (0: none)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+
+
+# Fields that decide tensor shapes or what a sample means: a checkpoint written under other values
+# cannot be resumed bit-for-bit (or at all), so they are fingerprinted into every manifest.
+FINGERPRINT_FIELDS = ("task", "model", "data.seq_len", "data.path", "data.val_every")
+
+
+def fingerprint(cfg: Config) -> str:
+    flat = to_dict(cfg)
+    picked = {}
+    for key in FINGERPRINT_FIELDS:
+        value: Any = flat
+        for part in key.split("."):
+            value = value[part]
+        picked[key] = value
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def validate(cfg: Config) -> None:
+    checks = [
+        (cfg.max_steps >= 1, "--max-steps must be >= 1"),
+        (cfg.global_batch_size >= 1, "--global-batch-size must be >= 1"),
+        (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
+        (cfg.ckpt.interval >= 0, "--ckpt.interval must be >= 0 (0 disables periodic saves)"),
+        (cfg.ckpt.keep >= 1, "--ckpt.keep must be >= 1 (the newest checkpoint is always kept)"),
+        (cfg.data.seq_len >= 1, "--data.seq-len must be >= 1"),
+        (cfg.data.val_every >= 2, "--data.val-every must be >= 2"),
+        (
+            cfg.model.n_embd % max(cfg.model.n_head, 1) == 0,
+            "--model.n-embd must be divisible by --model.n-head",
+        ),
+        (0.0 <= cfg.model.dropout < 1.0, "--model.dropout must be in [0, 1)"),
+        (cfg.optim.lr > 0, "--optim.lr must be > 0"),
+        (cfg.dist.init_timeout_s > 0 and cfg.dist.timeout_s > 0, "--dist timeouts must be > 0"),
+        (
+            re.fullmatch(r"[\w.]+:\w+", cfg.task) is not None,
+            f"--task {cfg.task!r} must look like package.module:function",
+        ),
+        (
+            cfg.data.path is None or Path(cfg.data.path).expanduser().exists(),
+            f"--data.path {cfg.data.path!r} does not exist; point it at a text file or folder",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _load_file(path: str) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} not found; pass an existing .toml or .json file")
+    try:
+        raw = tomllib.loads(p.read_text()) if p.suffix == ".toml" else json.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"config file {path!r} does not parse: {e}") from None
+    return _from_dict(Config, raw, prefix="")
+
+
+def _from_dict(cls: type, raw: dict, prefix: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=1)
+            fix = f"did you mean {prefix}{hint[0]}?" if hint else f"valid keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {prefix}{key!r}; {fix}")
+        default = known[name].default_factory  # type: ignore[misc]
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(default, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _one_line(text: str) -> str:
+    text = re.sub(r"[╭╮╯╰│─━┃┏┓┗┛]", " ", text)
+    text = re.sub(r"For full helptext.*", "", text)
+    return " ".join(text.split())
+
+
+def parse(argv: list[str] | None = None) -> Config:
+    """Config file (``--config F``) first, then CLI overrides; unknown keys are errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = Config()
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a path to a .toml or .json file")
+        default = _load_file(argv[i + 1])
+        del argv[i : i + 2]
+    if "-h" in argv or "--help" in argv:
+        return tyro.cli(Config, args=argv, default=default, description=__doc__)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            cfg, unknown = tyro.cli(Config, args=argv, default=default, return_unknown_args=True)
+    except SystemExit:
+        raise ConfigError(_one_line(err.getvalue()) + "; see --help") from None
+    if unknown:
+        options = [a for a in unknown if a.startswith("--")] or unknown
+        raise ConfigError(f"unknown option {options[0]}; see --help for the valid options")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,91 @@
+"""Byte-level text corpus: prepared once into token files in a cache dir, read as fixed windows.
+
+The default corpus is this Python's own standard library sources, which exist wherever Python does.
+Preparation is deterministic (sorted paths) and atomic (temp file + rename), so ranks racing to
+prepare the same corpus all end up reading identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from train.errors import DataError
+
+TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".toml", ".cfg", ".ini", ".c", ".h"}
+
+
+def default_corpus_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def list_sources(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"data path {str(root)!r} does not exist; set --data.path to a text file or folder")
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix in TEXT_SUFFIXES and not skip.intersection(p.relative_to(root).parts)
+    ]
+    if not files:
+        raise DataError(f"no text files under {str(root)!r}; set --data.path to a folder with text files")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def prepare(path: str | None, cache_dir: str, val_every: int) -> tuple[Path, Path]:
+    """Return (train.bin, val.bin), building them in the cache if they are not there yet."""
+    root = Path(path).expanduser().resolve() if path else default_corpus_root()
+    sources = list_sources(root)
+    key = hashlib.sha256(str(root).encode())
+    for p in sources:
+        st = p.stat()
+        key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    key.update(f"val_every={val_every}".encode())
+    out = Path(cache_dir).expanduser() / f"corpus-{key.hexdigest()[:16]}"
+    train_bin, val_bin = out / "train.bin", out / "val.bin"
+    if train_bin.exists() and val_bin.exists():
+        return train_bin, val_bin
+    out.mkdir(parents=True, exist_ok=True)
+    splits: dict[Path, list[bytes]] = {train_bin: [], val_bin: []}
+    for i, p in enumerate(sources):
+        # Every val_every-th file is held out; a one-file corpus is split by bytes instead.
+        splits[val_bin if len(sources) > 1 and i % val_every == val_every - 1 else train_bin].append(
+            p.read_bytes()
+        )
+    if len(sources) == 1:
+        blob = splits[train_bin][0]
+        cut = len(blob) - max(len(blob) // val_every, 1)
+        splits = {train_bin: [blob[:cut]], val_bin: [blob[cut:]]}
+    for target, parts in splits.items():
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(b"\n".join(parts))
+        os.replace(tmp, target)
+    return train_bin, val_bin
+
+
+class TokenWindows:
+    """Sample i is bytes [i*L, i*L + L + 1): input is the first L, target the last L."""
+
+    def __init__(self, path: Path, seq_len: int):
+        size = path.stat().st_size
+        if size < seq_len + 1:
+            raise DataError(
+                f"{path} has {size} bytes, fewer than --data.seq-len + 1 = {seq_len + 1}; use more text"
+            )
+        self.tokens = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+        self.seq_len = seq_len
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = i * self.seq_len
+        chunk = self.tokens[start : start + self.seq_len + 1].long()
+        return chunk[:-1], chunk[1:]

@@ -1,0 +1,140 @@
+"""Process-group set-up that survives torchrun restarts, with bounded timeouts.
+
+Why not a plain ``init_process_group("gloo")``: since torch 2.4 torchrun's c10d rendezvous hands
+every worker the *agent's* TCPStore, which outlives the workers. A restarted group finds the
+previous attempt's keys there (peer addresses, barrier counters) and either connects to dead peers
+("Gloo connectFullMesh failed ... Connection refused") or hangs (pytorch/pytorch#135712).
+TORCHELASTIC_RESTART_COUNT cannot name the attempt either: it is per agent and differs across nodes.
+
+So each start gets a fresh namespace that every rank provably agrees on: rank 0 draws a random
+generation id; every other rank posts a random nonce and waits for rank 0 to answer *that nonce*
+with the id. An answer to a fresh nonce can only come from this attempt's rank 0, so stale keys are
+never read. The process group then lives under ``pg/<generation>/`` in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: a single process without a process group
+    restart: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_backend(requested: str) -> tuple[str, bool]:
+    """Return (backend, use_cuda)."""
+    use_cuda = torch.cuda.is_available() and requested in ("auto", "nccl")
+    return ("nccl" if use_cuda else "gloo"), use_cuda
+
+
+def _base_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return dist.TCPStore(
+        host_name=os.environ["MASTER_ADDR"],
+        port=int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+
+
+def _answer_peers(store: dist.Store, world_size: int, generation: str, done: threading.Event) -> None:
+    """Rank 0: answer every nonce a peer posts until the group is up (stale nonces are harmless)."""
+    answered: set[str] = set()
+    keys = [f"bootstrap/hello/{r}" for r in range(1, world_size)]
+    while not done.wait(0.02):
+        for key in keys:
+            if store.check([key]):
+                nonce = store.get(key).decode()
+                if nonce not in answered:
+                    store.set(f"bootstrap/answer/{nonce}", generation)
+                    answered.add(nonce)
+
+
+def _agree_generation(store: dist.Store, rank: int) -> tuple[str, threading.Event | None]:
+    if rank == 0:
+        generation = uuid.uuid4().hex
+        done = threading.Event()
+        # Its own client connection: the main thread's store is busy inside init_process_group.
+        responder_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=30),
+        )
+        world_size = int(os.environ["WORLD_SIZE"])
+        threading.Thread(
+            target=_answer_peers,
+            args=(responder_store, world_size, generation, done),
+            daemon=True,
+            name="pg-bootstrap",
+        ).start()
+        return generation, done
+    nonce = uuid.uuid4().hex
+    store.set(f"bootstrap/hello/{rank}", nonce)
+    return store.get(f"bootstrap/answer/{nonce}").decode(), None  # blocks up to the store timeout
+
+
+def setup(backend: str, init_timeout_s: float) -> DistEnv:
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if "RANK" not in os.environ:  # plain `python train/main.py`: one process, no group
+        device = torch.device("cuda:0" if torch.cuda.is_available() and backend != "gloo" else "cpu")
+        return DistEnv(0, 1, 0, device, None, restart)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    name, use_cuda = pick_backend(backend)
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=init_timeout_s)
+    store = _base_store(rank, world_size, timeout)
+    generation, done = _agree_generation(store, rank)
+    try:
+        dist.init_process_group(
+            name,
+            store=dist.PrefixStore(f"pg/{generation}/", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+            device_id=device if use_cuda else None,
+        )
+    finally:
+        if done is not None:
+            done.set()
+    log.info("process group up: %s, rank %d/%d, generation %s", name, rank, world_size, generation[:8])
+    return DistEnv(rank, world_size, local_rank, device, name, restart)
+
+
+def set_timeout(seconds: float) -> None:
+    """Shorten the collective timeout once training runs, so a dead peer fails fast (not in 30 min)."""
+    if dist.is_initialized():
+        # Private in 2.13 but the documented route torchtitan takes; skip silently if it moves.
+        setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if setter is not None:
+            setter(timedelta(seconds=seconds), None)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,84 @@
+"""Fault injection for tests and chaos runs. Off unless FTJOB_FAULT is set.
+
+FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
+
+  crash:step=50:rank=1        SIGKILL this rank right after it completes step 50
+  hang:step=30:rank=0         stop making progress after step 30 (sleep forever)
+  slow:rank=1:ms=200          sleep 200 ms after every step on rank 1
+  kill:point=ckpt.before_rename:save_step=40
+                              SIGKILL inside the checkpoint commit of step 40 at that point
+                              (points: ckpt.file_written, ckpt.before_rename, ckpt.after_rename)
+
+Every fault fires only on the first attempt (``restart=0``) unless it says otherwise
+(``restart=N``, or ``restart=any``), so an injected crash does not turn into a crash loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+log = logging.getLogger(__name__)
+
+_context: dict[str, int] = {}
+
+
+def _parse(spec: str) -> list[dict[str, str]]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        kind, *pairs = item.split(":")
+        fault = {"kind": kind, "restart": "0"}
+        for pair in pairs:
+            key, _, value = pair.partition("=")
+            fault[key] = value
+        faults.append(fault)
+    return faults
+
+
+FAULTS = _parse(os.environ.get("FTJOB_FAULT", ""))
+
+
+def _matches(fault: dict[str, str], **ctx: int | str) -> bool:
+    env = {
+        "rank": os.environ.get("RANK", "0"),
+        "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+    }
+    for key, want in fault.items():
+        if key in ("kind", "ms") or want == "any":
+            continue
+        have = ctx.get(key, _context.get(key, env.get(key)))
+        if have is None or str(have) != want:
+            return False
+    return True
+
+
+def _kill(reason: str) -> None:
+    log.warning("fault injection: SIGKILL %s", reason)
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def set_context(**ctx: int) -> None:
+    _context.update(ctx)
+
+
+def point(name: str) -> None:
+    for fault in FAULTS:
+        if fault["kind"] == "kill" and _matches(fault, point=name):
+            _kill(f"at {name}")
+
+
+def after_step(step: int) -> None:
+    for fault in FAULTS:
+        if not _matches(fault, step=step):
+            continue
+        if fault["kind"] == "crash":
+            _kill(f"after step {step}")
+        elif fault["kind"] == "hang":
+            log.warning("fault injection: hanging after step %d", step)
+            while True:
+                time.sleep(3600)
+        elif fault["kind"] == "slow":
+            time.sleep(float(fault.get("ms", "100")) / 1000)

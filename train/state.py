@@ -1,0 +1,115 @@
+"""Everything a resumed run needs to continue bit-for-bit, as checkpoint files and back.
+
+Files: ``model.safetensors`` (plain {name: tensor}, unwrapped), ``optim.pt`` and ``train.pt``
+(step, scheduler, sampler, grad scaler, and the RNG states of every rank), all weights_only-loadable.
+Rank 0 reads and verifies; the other ranks receive the bytes by broadcast, so no rank but rank 0
+needs to see the run directory's filesystem.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+from torch import nn
+
+from train import comm, rng
+from train.errors import IncompatibleCheckpointError
+from train.sampler import GlobalSampler
+
+MODEL_FILE, OPTIM_FILE, TRAIN_FILE = "model.safetensors", "optim.pt", "train.pt"
+
+
+class Stager:
+    """Copies nested state into reusable host buffers (pinned when the source is on CUDA)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def stage(self, obj: Any, path: str = "") -> Any:
+        if isinstance(obj, torch.Tensor):
+            buf = self.buffers.get(path)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                buf = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+                self.buffers[path] = buf
+            return buf.copy_(obj.detach(), non_blocking=obj.is_cuda)
+        if isinstance(obj, dict):
+            return {k: self.stage(v, f"{path}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.stage(v, f"{path}/{i}") for i, v in enumerate(obj))
+        return obj
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+class TrainState:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        sampler: GlobalSampler,
+        scaler: torch.amp.GradScaler | None = None,
+    ):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.sampler, self.scaler = sampler, scaler
+        self.step = 0  # optimizer steps completed; the next step to run is step + 1
+        self.stager = Stager()
+
+    def snapshot(self, device: torch.device) -> dict[str, Any] | None:
+        """Collective: every rank calls it; rank 0 gets the files, the others None."""
+        rng_states = comm.all_gather_bytes(_to_bytes(rng.capture()), device)
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return None
+        files = self.stager.stage(
+            {
+                MODEL_FILE: self.model.state_dict(),
+                OPTIM_FILE: self.optimizer.state_dict(),
+                TRAIN_FILE: {
+                    "step": self.step,
+                    "scheduler": self.scheduler.state_dict(),
+                    "sampler": self.sampler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                    "rng": [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states],
+                },
+            }
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return files
+
+    def restore(self, blobs: dict[str, bytes], rank: int, world_size: int) -> None:
+        from train.ckpt.manifest import deserialize
+
+        weights = deserialize(MODEL_FILE, blobs[MODEL_FILE])
+        try:
+            self.model.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise IncompatibleCheckpointError(
+                f"checkpoint weights do not fit this model ({first}); "
+                "resume with the model config it was written with, or use a new --run-dir"
+            ) from None
+        self.optimizer.load_state_dict(deserialize(OPTIM_FILE, blobs[OPTIM_FILE]))
+        train = deserialize(TRAIN_FILE, blobs[TRAIN_FILE])
+        self.scheduler.load_state_dict(train["scheduler"])
+        self.sampler.load_state_dict(train["sampler"])
+        if self.scaler is not None and train["scaler"] is not None:
+            self.scaler.load_state_dict(train["scaler"])
+        self.step = int(train["step"])
+        # Same world size: each rank continues its own random streams. A different world size
+        # cannot be bit-exact anyway; ranks then reuse saved streams round-robin.
+        rng.restore(train["rng"][rank % len(train["rng"])])
+        if len(train["rng"]) != world_size:
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "checkpoint was written by %d ranks, now %d: resuming, but not bit-exact",
+                len(train["rng"]),
+                world_size,
+            )

@@ -1,0 +1,186 @@
+"""The training function, top to bottom: set-up, resume, the step, checkpoints, logging."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from train import comm, config, faults, preempt, rng
+from train import dist as distributed
+from train.ckpt.manager import CheckpointManager
+from train.ckpt.storage import LocalStorage
+from train.ckpt.writer import CheckpointWriter
+from train.errors import EXIT_PREEMPTED
+from train.metrics import Metrics
+from train.resume import resume
+from train.sampler import BatchPlan, GlobalSampler, plan_batches
+from train.state import TrainState
+from train.task import Task, collate, load_task
+from train.watchdog import Watchdog
+
+log = logging.getLogger("train")
+
+
+def lr_schedule(cfg: config.OptimConfig, max_steps: int):
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min((step - cfg.warmup_steps) / max(max_steps - cfg.warmup_steps, 1), 1.0)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: config.OptimConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
+
+
+def train_step(
+    task: Task,
+    model: torch.nn.Module,
+    state: TrainState,
+    plan: BatchPlan,
+    env: distributed.DistEnv,
+    grad_clip: float,
+) -> torch.Tensor:
+    """One optimizer step; returns this rank's mean loss over its micro-batches."""
+    micro_batches = state.sampler.step_indices(plan, env.rank)
+    loss_sum = torch.zeros((), device=env.device)
+    for m, indices in enumerate(micro_batches):
+        batch = collate([task.train_data[i] for i in indices], env.device)
+        # Gradients are all-reduced once per optimizer step, on the last micro-batch.
+        sync = m == plan.accum_steps - 1 or not isinstance(model, DDP)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            loss = task.loss_fn(model, batch) / plan.accum_steps
+            loss.backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.sampler.advance(plan)
+    state.step += 1
+    return loss_sum
+
+
+@torch.no_grad()
+def evaluate(task: Task, cfg: config.Config, plan: BatchPlan, env: distributed.DistEnv) -> float | None:
+    if task.val_data is None or len(task.val_data) == 0:
+        return None
+    model = task.model
+    model.eval()
+    per_rank = plan.micro_batch_size
+    total = torch.zeros((), device=env.device)
+    for b in range(cfg.eval_batches):
+        start = (b * env.world_size + env.rank) * per_rank
+        indices = [i % len(task.val_data) for i in range(start, start + per_rank)]
+        total += task.loss_fn(model, collate([task.val_data[i] for i in indices], env.device))
+    model.train()
+    return float(comm.mean(total / cfg.eval_batches))
+
+
+def train(cfg: config.Config, env: distributed.DistEnv) -> int:
+    run_dir = Path(cfg.run_dir)
+    plan = plan_batches(cfg.global_batch_size, env.world_size, cfg.micro_batch_size)
+    fingerprint = config.fingerprint(cfg)
+    if env.is_main:
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+
+    # Same initial weights everywhere (DDP would broadcast them anyway), then per-rank streams.
+    rng.seed_all(cfg.seed)
+    task = load_task(cfg.task)(cfg)
+    task.model.to(env.device)
+    rng.seed_all(cfg.seed + 1000 * env.rank)
+    optimizer = build_optimizer(task.model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.optim, cfg.max_steps))
+    state = TrainState(task.model, optimizer, scheduler, GlobalSampler(len(task.train_data), cfg.seed))
+
+    manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=cfg.ckpt.keep)
+    resumed = resume(manager, state, env, fingerprint)
+    model = (
+        DDP(task.model, device_ids=[env.device] if env.device.type == "cuda" else None)
+        if env.backend
+        else task.model
+    )
+
+    with ExitStack() as stack:
+        writer = CheckpointWriter(manager, background=cfg.ckpt.async_save)
+        stack.callback(writer.close)
+        metrics = Metrics(run_dir, env.is_main, state.step, cfg.max_steps, cfg.log_interval)
+        stack.callback(metrics.close)
+        if resumed is not None:
+            metrics.event("resume", **resumed)
+        stop = stack.enter_context(preempt.StopSignals())
+        watchdog = stack.enter_context(Watchdog(cfg.watchdog, env.rank))
+        meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
+
+        def save() -> None:
+            writer.save(state.step, lambda: state.snapshot(env.device), meta)
+
+        log.info(
+            "training steps %d..%d: %d ranks x %d micro-batch x %d accumulation = %d samples/step",
+            state.step + 1,
+            cfg.max_steps,
+            env.world_size,
+            plan.micro_batch_size,
+            plan.accum_steps,
+            plan.global_batch_size,
+        )
+        preempted = False
+        while state.step < cfg.max_steps:
+            t0 = time.perf_counter()
+            local_loss = train_step(task, model, state, plan, env, cfg.optim.grad_clip)
+            # One small all-reduce carries both the logged loss and "did any rank get a stop signal",
+            # so every rank stops at the same step boundary without an extra collective.
+            stats = torch.stack([local_loss, torch.tensor(float(stop.requested), device=env.device)])
+            if env.backend:
+                dist.all_reduce(stats)
+            loss, preempted = float(stats[0] / env.world_size), bool(stats[1] > 0)
+            step_time = time.perf_counter() - t0
+            if state.step == (resumed or {}).get("step", 0) + 1:
+                distributed.set_timeout(cfg.dist.timeout_s)
+            watchdog.progress(state.step, step_time)
+            writer.check()
+            metrics.train_step(
+                state.step,
+                loss,
+                scheduler.get_last_lr()[0],
+                state.sampler.cursor,
+                step_time,
+                env.world_size,
+                env.restart,
+            )
+            faults.after_step(state.step)
+            final = state.step == cfg.max_steps
+            if preempted or final or (cfg.ckpt.interval and state.step % cfg.ckpt.interval == 0):
+                save()
+            if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or final):
+                val = evaluate(task, cfg, plan, env)
+                if val is not None:
+                    metrics.val(state.step, val)
+            if preempted:
+                break
+        writer.wait()
+        watchdog.pause()
+        if preempted:
+            log.warning(
+                "preempted: saved step %d; exit %d asks the scheduler to requeue", state.step, EXIT_PREEMPTED
+            )
+            return EXIT_PREEMPTED
+        if env.is_main and task.sample_fn is not None:
+            log.info("sample:\n%s", task.sample_fn(task.model))
+        log.info("done: %d steps, checkpoints in %s", state.step, manager.storage.location(""))
+    return 0

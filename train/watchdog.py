@@ -1,0 +1,69 @@
+"""Hang watchdog: a rank whose steps stop completing dumps every thread's stack and exits.
+
+torchrun then sees a failed worker, stops the others and restarts the group, which resumes from the
+last checkpoint. Without it a dead peer or a stuck collective holds the job until the process-group
+timeout. The timeout is explicit, or derived from observed step times with a floor.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import statistics
+import sys
+import threading
+import time
+
+from train.config import WatchdogConfig
+from train.errors import EXIT_HANG
+
+log = logging.getLogger("train")
+
+
+class Watchdog:
+    def __init__(self, cfg: WatchdogConfig, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self._last = 0.0  # monotonic time of the last completed step; 0 = not armed
+        self._step = 0
+        self._times: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+
+    def timeout(self) -> float:
+        if self.cfg.timeout_s > 0:
+            return self.cfg.timeout_s
+        typical = statistics.median(self._times) if self._times else 0.0
+        return max(self.cfg.min_timeout_s, self.cfg.factor * typical)
+
+    def progress(self, step: int, step_time: float) -> None:
+        self._step = step
+        self._times = ([*self._times, step_time])[-50:]
+        self._last = time.monotonic()
+
+    def pause(self) -> None:
+        self._last = 0.0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            if self._last and time.monotonic() - self._last > self.timeout():
+                log.error(
+                    "rank %d made no progress for %.0fs after step %d (watchdog timeout %.0fs); "
+                    "dumping stacks and exiting %d so the job restarts from its last checkpoint",
+                    self.rank,
+                    time.monotonic() - self._last,
+                    self._step,
+                    self.timeout(),
+                    EXIT_HANG,
+                )
+                faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+                sys.stderr.flush()
+                os._exit(EXIT_HANG)
+
+    def __enter__(self) -> Watchdog:
+        if self.cfg.enabled:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
