@@ -1,0 +1,88 @@
+"""Shared helpers: a tiny corpus and model so real torchrun runs take seconds, free ports, metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+MAIN = str(REPO / "train" / "main.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~150 KB of real text (the stdlib's json and email packages), the same on every machine."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    out = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    files = sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py"))
+    out.write_bytes(b"\n".join(p.read_bytes() for p in files))
+    return out
+
+
+def tiny_args(run_dir: Path, corpus: Path, **overrides: object) -> list[str]:
+    """CLI args for a ~30k-parameter model on the tiny corpus; override with key=value (dots as __)."""
+    opts: dict[str, object] = {
+        "run-dir": run_dir,
+        "data.path": corpus,
+        "data.cache-dir": run_dir.parent / f"{run_dir.name}-cache",
+        "data.seq-len": 32,
+        "model.n-layer": 1,
+        "model.n-embd": 32,
+        "model.n-head": 2,
+        "global-batch-size": 8,
+        "sample-bytes": 0,
+        "eval-interval": 0,
+        "log-interval": 10,
+        "max-steps": 30,
+        "ckpt.interval": 10,
+    }
+    for key, value in overrides.items():
+        opts[key.replace("__", ".").replace("_", "-")] = value
+    return [item for k, v in opts.items() for item in (f"--{k}", str(v))]
+
+
+def run_torchrun(
+    args: list[str],
+    nproc: int = 2,
+    max_restarts: int = 0,
+    env: dict[str, str] | None = None,
+    timeout: float = 240,
+    extra: list[str] | None = None,
+) -> subprocess.CompletedProcess:
+    cmd = [
+        *TORCHRUN,
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        f"--max-restarts={max_restarts}",
+        "--monitor-interval=0.2",
+        *(extra or []),
+        MAIN,
+        *args,
+    ]
+    full_env = {k: v for k, v in os.environ.items() if k != "FTJOB_FAULT"}
+    full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss; for a step logged twice (re-run after a resume) the last row wins."""
+    return {r["step"]: r["loss"] for r in metrics_rows(run_dir) if r["kind"] == "train"}
