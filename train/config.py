@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
+import typing
 import tyro
 
 from train.errors import ConfigError
@@ -200,6 +201,39 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+_TRUTHY = {"true": "True", "1": "True", "yes": "True", "false": "False", "0": "False", "no": "False"}
+
+
+def _flags(cls: type, prefix: str = "") -> dict[str, Any]:
+    """CLI flag -> field type, for every leaf of the config tree."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        name = f.name
+        for meta in getattr(hint, "__metadata__", ()):
+            name = getattr(meta, "name", None) or name
+        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            out.update(_flags(f.default_factory, f"{prefix}{name}."))  # type: ignore[arg-type]
+        else:
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+            out[f"--{prefix}{name}".replace("_", "-")] = base
+    return out
+
+
+def _normalise_bools(argv: list[str]) -> list[str]:
+    bools = {flag for flag, kind in _flags(Config).items() if kind is bool}
+    out = list(argv)
+    for i in range(1, len(out)):
+        if out[i - 1] in bools and out[i].lower() in _TRUTHY:
+            out[i] = _TRUTHY[out[i].lower()]
+    return out
+
+
+# Booleans take a value (`--ckpt.async false`), as scripts that template options expect.
+_TYRO_CONF = (tyro.conf.FlagConversionOff,)
+
+
 def parse(argv: list[str] | None = None) -> Config:
     """Config file (``--config F``) first, then CLI overrides; unknown keys are errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -210,16 +244,21 @@ def parse(argv: list[str] | None = None) -> Config:
             raise ConfigError("--config needs a path to a .toml or .json file")
         default = _load_file(argv[i + 1])
         del argv[i : i + 2]
+    argv = _normalise_bools(argv)
     if "-h" in argv or "--help" in argv:
-        return tyro.cli(Config, args=argv, default=default, description=__doc__)
+        return tyro.cli(Config, args=argv, default=default, description=__doc__, config=_TYRO_CONF)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
-            cfg, unknown = tyro.cli(Config, args=argv, default=default, return_unknown_args=True)
+            cfg, unknown = tyro.cli(
+                Config, args=argv, default=default, return_unknown_args=True, config=_TYRO_CONF
+            )
     except SystemExit:
         raise ConfigError(_one_line(err.getvalue()) + "; see --help") from None
     if unknown:
-        options = [a for a in unknown if a.startswith("--")] or unknown
-        raise ConfigError(f"unknown option {options[0]}; see --help for the valid options")
+        option = next((a for a in unknown if a.startswith("-")), unknown[0])
+        hint = difflib.get_close_matches(option.split("=")[0], list(_flags(Config)), n=1)
+        fix = f"did you mean {hint[0]}?" if hint else "see --help for the valid options"
+        raise ConfigError(f"unknown option {option!r}; {fix}")
     validate(cfg)
     return cfg

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -13,26 +12,30 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import config, dist, failures
-from train.errors import PermanentError
+from train.errors import EXIT_PREEMPTED, PermanentError
 from train.metrics import setup_logging
 from train.trainer import train
-
-log = logging.getLogger("train")
 
 
 @record
 def main(argv: list[str] | None = None) -> int:
     setup_logging(int(os.environ.get("RANK", "0")))
+    run_dir = None
     try:
         cfg = config.parse(argv)
         failures.check_run_dir(cfg.run_dir)
+        run_dir = cfg.run_dir
+        failures.clear_exit(run_dir)
         env = dist.setup(cfg.dist.backend, cfg.dist.init_timeout_s)
         try:
-            return train(cfg, env)
+            code = train(cfg, env)
         finally:
             dist.teardown()
+        reason = "preempted: saved, requeue to continue" if code == EXIT_PREEMPTED else "finished"
+        failures.record_exit(run_dir, code, reason)
+        return code
     except PermanentError as e:
-        return failures.permanent(e)
+        return failures.permanent(e, run_dir or failures.guess_run_dir(argv))
 
 
 if __name__ == "__main__":

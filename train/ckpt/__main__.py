@@ -1,0 +1,90 @@
+"""Checkpoint CLI: ``python -m train.ckpt ls|verify|inspect RUN_DIR``.
+
+RUN_DIR is a run directory (holding ``checkpoints/``) or a checkpoints directory itself.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import tyro
+
+from train.ckpt import manifest as mf
+from train.ckpt.manager import CheckpointManager
+from train.ckpt.storage import LocalStorage
+
+Dir = Annotated[str, tyro.conf.Positional]
+
+
+class CliError(Exception):
+    pass
+
+
+def _manager(run_dir: str) -> CheckpointManager:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise CliError(f"{run_dir!r} is not a directory; pass a run dir (the --run-dir of a training run)")
+    if (path / "checkpoints").is_dir():
+        path = path / "checkpoints"
+    elif not any(mf.step_of(p.name) is not None for p in path.iterdir()):
+        raise CliError(f"no checkpoints under {run_dir!r}; pass a run dir that holds checkpoints/")
+    return CheckpointManager(LocalStorage(path), keep=1)
+
+
+def _when(t: float | None) -> str:
+    return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds") if t else "-"
+
+
+def ls(run_dir: Dir, /) -> int:
+    """List checkpoints, newest first: step, size, time, valid or why not (sizes only; see verify)."""
+    infos = _manager(run_dir).list(deep=False)
+    print(f"{'step':>8}  {'size':>10}  {'time':19}  status")
+    for i in infos:
+        status = "ok" if i.valid else f"INVALID: {i.reason}"
+        print(f"{i.step:>8}  {i.size / 1e6:>8.2f}MB  {_when(i.time):19}  {status}")
+    return 0
+
+
+def verify(run_dir: Dir, /) -> int:
+    """Check every checkpoint's sizes and checksums. Exit 0 only if the newest one is valid."""
+    infos = _manager(run_dir).list(deep=True)
+    for i in infos:
+        print(f"{i.name}: {'ok' if i.valid else 'INVALID: ' + i.reason}")
+    if not infos:
+        print("no checkpoints")
+        return 1
+    return 0 if infos[0].valid else 1
+
+
+def inspect(run_dir: Dir, /, step: int | None = None) -> int:
+    """Show a checkpoint's manifest and the config it was written with (default: newest valid)."""
+    manager = _manager(run_dir)
+    infos = [i for i in manager.list(deep=False) if step is None or i.step == step]
+    chosen = next((i for i in infos if i.valid), None)
+    if chosen is None:
+        raise CliError(f"no valid checkpoint{f' at step {step}' if step is not None else ''} in {run_dir!r}")
+    manifest, _ = manager.read_verified(chosen.name)
+    config = manifest.pop("config", None)
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    if config is not None:
+        print("config:")
+        print(json.dumps(config, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return tyro.extras.subcommand_cli_from_dict(
+            {"ls": ls, "verify": verify, "inspect": inspect}, args=argv, description=__doc__
+        )
+    except (CliError, mf.Problem) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
