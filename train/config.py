@@ -14,12 +14,12 @@ import io
 import json
 import re
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomllib
-import typing
 import tyro
 
 from train.errors import ConfigError
