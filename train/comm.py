@@ -13,6 +13,12 @@ def _active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _as_tensor(data: bytes, device: torch.device) -> torch.Tensor:
+    if not data:  # frombuffer refuses an empty buffer
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
 def broadcast_bytes(data: bytes | None, device: torch.device, src: int = 0) -> bytes:
     if not _active():
         assert data is not None
@@ -20,7 +26,7 @@ def broadcast_bytes(data: bytes | None, device: torch.device, src: int = 0) -> b
     length = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=device)
     dist.broadcast(length, src)
     if dist.get_rank() == src:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)  # type: ignore[arg-type]
+        buf = _as_tensor(data, device)  # type: ignore[arg-type]
     else:
         buf = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     if buf.numel():
@@ -37,7 +43,7 @@ def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:
     dist.all_gather(lengths, length)
     size = int(max(t.item() for t in lengths))
     mine = torch.zeros(size, dtype=torch.uint8, device=device)
-    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    mine[: len(data)] = _as_tensor(data, device)
     parts = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(parts, mine)
     return [bytes(p[: int(n.item())].cpu().numpy()) for p, n in zip(parts, lengths, strict=True)]

@@ -14,6 +14,7 @@ import io
 import json
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Literal
 import tomllib
 import tyro
 
-from train.errors import ConfigError
+from train.errors import ConfigError, DataError
 
 
 @dataclass
@@ -157,14 +158,12 @@ def validate(cfg: Config) -> None:
             re.fullmatch(r"[\w.]+:\w+", cfg.task) is not None,
             f"--task {cfg.task!r} must look like package.module:function",
         ),
-        (
-            cfg.data.path is None or Path(cfg.data.path).expanduser().exists(),
-            f"--data.path {cfg.data.path!r} does not exist; point it at a text file or folder",
-        ),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise DataError(f"--data.path {cfg.data.path!r} does not exist; point it at a text file or folder")
 
 
 def _load_file(path: str) -> Config:
@@ -178,20 +177,49 @@ def _load_file(path: str) -> Config:
     return _from_dict(Config, raw, prefix="")
 
 
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    """A config-file value against its field's type (the CLI path gets this from tyro)."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return value
+        if typing.get_origin(kind) is Literal and value in typing.get_args(kind):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind in (int, str, bool) and type(value) is kind:
+            return value
+    raise ConfigError(f"config key {key}: {value!r} is not a valid {_type_name(hint)}; fix the config file")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
 def _from_dict(cls: type, raw: dict, prefix: str) -> Any:
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    known: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        known[f.name] = f
+        for meta in getattr(hints[f.name], "__metadata__", ()):  # CLI aliases work in files too
+            if getattr(meta, "name", None):
+                known[meta.name] = f
     kwargs = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
         if name not in known:
             hint = difflib.get_close_matches(name, known, n=1)
             fix = f"did you mean {prefix}{hint[0]}?" if hint else f"valid keys: {', '.join(known)}"
-            raise ConfigError(f"unknown config key {prefix}{key!r}; {fix}")
-        default = known[name].default_factory  # type: ignore[misc]
-        if isinstance(value, dict) and dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(default, value, prefix=f"{prefix}{name}.")
+            raise ConfigError(f"unknown config key {prefix}{key}; {fix}")
+        f = known[name]
+        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {prefix}{key} must be a table/object of settings")
+            kwargs[f.name] = _from_dict(f.default_factory, value, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
         else:
-            kwargs[name] = value
+            hint = hints[f.name]
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+            kwargs[f.name] = _check_type(value, base, f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -238,6 +266,7 @@ def parse(argv: list[str] | None = None) -> Config:
     """Config file (``--config F``) first, then CLI overrides; unknown keys are errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     default = Config()
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):

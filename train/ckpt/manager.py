@@ -132,6 +132,7 @@ class CheckpointManager:
         if name in self.storage.names():
             if not self.verify(name):
                 log.info("checkpoint %s already exists and verifies; not rewriting it", name)
+                self._retain()
                 return name
             moved = self.storage.set_aside(name)
             log.warning("checkpoint %s did not verify; moved it to %s before rewriting", name, moved)

@@ -15,7 +15,7 @@ import xxhash
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_NAME = re.compile(r"step_(\d{8})")
+_NAME = re.compile(r"step_(\d{8,})")
 
 
 def name_for(step: int) -> str:
@@ -80,6 +80,13 @@ def parse(raw: bytes | None, expected_step: int) -> dict:
         raise Problem("manifest.json has no file list")
     if manifest.get("format") != FORMAT_VERSION:
         raise Problem(f"manifest format {manifest.get('format')!r}, this build reads {FORMAT_VERSION}")
+    for file, entry in manifest["files"].items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("xxh3_64"), str)
+        ):
+            raise Problem(f"manifest.json entry for {file!r} lacks size or checksum")
     if manifest.get("step") != expected_step:
         raise Problem(f"manifest says step {manifest.get('step')!r}, directory says {expected_step}")
     return manifest

@@ -107,7 +107,7 @@ class LocalStorage:
 
     def set_aside(self, name: str) -> str:
         """Move an invalid checkpoint out of the way (kept for inspection, ignored by names())."""
-        target = f"{name}{INVALID_TAG}{int(time.time())}"
+        target = f"{name}{INVALID_TAG}{int(time.time())}-{uuid.uuid4().hex[:6]}"
         os.rename(self.root / name, self.root / target)
         return target
 

@@ -1,0 +1,468 @@
+"""Real 2-rank gloo process groups, in-process via ``multiprocessing`` (spawn), on CPU.
+
+Every child sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE and calls ``train.dist.setup("gloo", 30)``
+exactly as a torchrun worker would, runs one worker function, and sends a picklable result back
+through a queue. Without TORCHELASTIC_USE_AGENT_STORE rank 0 hosts the TCPStore; with it, the test
+process plays the torchrun agent and hosts a store that outlives the groups (the restart case).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import queue
+import random
+import re
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import free_port
+
+try:
+    import numpy as np
+except ImportError:  # numpy is an optional dependency of the job
+    np = None
+
+WORLD = 2
+FINGERPRINT = "test-fingerprint"
+GEN_RE = re.compile(r"generation ([0-9a-f]{8})")
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# -- harness -----------------------------------------------------------------------------------------
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _child(
+    fn: Callable[..., Any],
+    rank: int,
+    port: int,
+    extra_env: dict[str, str],
+    delay: float,
+    results: Any,
+    args: tuple,
+) -> None:
+    torch.set_num_threads(1)
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        **extra_env,
+    )
+    handler = _ListHandler()
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        from train import dist as distributed
+
+        time.sleep(delay)
+        env = distributed.setup("gloo", 30)
+        try:
+            value = fn(env, *args)
+        finally:
+            distributed.teardown()
+        results.put((rank, "ok", value, handler.lines))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc(), handler.lines))
+
+
+def run_group(
+    fn: Callable[..., Any],
+    *args: Any,
+    port: int | None = None,
+    extra_env: dict[str, str] | None = None,
+    delays: tuple[float, ...] = (0.0,) * WORLD,
+    timeout: float = 90,
+) -> list[tuple[Any, list[str]]]:
+    """Run ``fn(env, *args)`` on WORLD ranks; return [(value, log messages)] by rank.
+
+    Fails the test with the child's traceback if a rank raised or did not answer in time.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = port or free_port()
+    procs = [
+        ctx.Process(
+            target=_child,
+            args=(fn, rank, port, extra_env or {}, delays[rank], results, args),
+            daemon=True,
+        )
+        for rank in range(WORLD)
+    ]
+    for p in procs:
+        p.start()
+    got: dict[int, tuple[str, Any, list[str]]] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < WORLD and time.monotonic() < deadline:
+            try:
+                rank, status, value, lines = results.get(timeout=0.5)
+                got[rank] = (status, value, lines)
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs):
+                    try:  # a last answer may have been in flight
+                        rank, status, value, lines = results.get(timeout=2)
+                        got[rank] = (status, value, lines)
+                    except queue.Empty:
+                        break
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+    errors = [f"rank {r}:\n{v}" for r, (s, v, _) in sorted(got.items()) if s == "error"]
+    missing = [r for r in range(WORLD) if r not in got]
+    if errors or missing:
+        codes = [p.exitcode for p in procs]
+        pytest.fail(f"ranks {missing} gave no answer (exit codes {codes})\n" + "\n".join(errors))
+    return [(got[r][1], got[r][2]) for r in range(WORLD)]
+
+
+def _generation(lines: list[str]) -> str:
+    found = [m.group(1) for line in lines if (m := GEN_RE.search(line))]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+# -- (a) byte and flag collectives ---------------------------------------------------------------------
+
+
+def _comm_worker(env) -> dict:
+    from train import comm
+
+    rank, dev = env.rank, env.device
+    payload_1 = bytes(range(256)) * 3 + b"\x00tail"  # NULs and high bytes: no text encoding anywhere
+    value = torch.tensor(float(4 * rank + 2))
+    out = {
+        "env": (env.rank, env.world_size, env.local_rank, str(env.device), env.backend, env.restart),
+        "group": (dist.get_rank(), dist.get_world_size(), dist.get_backend()),
+        "bcast_src0": comm.broadcast_bytes(b"hello from rank 0" if rank == 0 else None, dev, src=0),
+        "bcast_src1": comm.broadcast_bytes(payload_1 if rank == 1 else None, dev, src=1),
+        "bcast_one_byte": comm.broadcast_bytes(b"\xff" if rank == 0 else None, dev),
+        "gather_diff_len": comm.all_gather_bytes(b"r%d:" % rank + b"x" * (37 * rank), dev),
+        "gather_same_len": comm.all_gather_bytes(b"abc%d" % rank, dev),
+        "gather_big": comm.all_gather_bytes(bytes([rank]) * (100_000 + rank), dev),
+        "any_none": comm.any_rank(False, dev),
+        "any_rank1": comm.any_rank(rank == 1, dev),
+        "any_rank0": comm.any_rank(rank == 0, dev),
+        "any_all": comm.any_rank(True, dev),
+        "mean": comm.mean(value).item(),
+        "mean_input_untouched": value.item(),
+        "mean_vector": comm.mean(torch.tensor([1.0, -2.0]) * (rank + 1)).tolist(),
+    }
+    return out
+
+
+def test_comm_collectives_agree_on_both_ranks():
+    (r0, _), (r1, _) = run_group(_comm_worker)
+    assert r0["env"] == (0, 2, 0, "cpu", "gloo", 0)
+    assert r1["env"] == (1, 2, 1, "cpu", "gloo", 0)
+    assert r0["group"] == (0, 2, "gloo") and r1["group"] == (1, 2, "gloo")
+    payload_1 = bytes(range(256)) * 3 + b"\x00tail"
+    for r in (r0, r1):
+        assert r["bcast_src0"] == b"hello from rank 0"
+        assert r["bcast_src1"] == payload_1
+        assert r["bcast_one_byte"] == b"\xff"
+        assert r["gather_diff_len"] == [b"r0:", b"r1:" + b"x" * 37]
+        assert r["gather_same_len"] == [b"abc0", b"abc1"]
+        assert r["gather_big"] == [b"\x00" * 100_000, b"\x01" * 100_001]
+        assert (r["any_none"], r["any_rank1"], r["any_rank0"], r["any_all"]) == (False, True, True, True)
+        assert r["mean"] == pytest.approx(4.0)  # (2 + 6) / 2
+        assert r["mean_vector"] == pytest.approx([1.5, -3.0])
+    assert r0["mean_input_untouched"] == 2.0 and r1["mean_input_untouched"] == 6.0
+
+
+def _empty_bytes_worker(env) -> dict:
+    """Every case, each failure recorded as a string.
+
+    Cases are ordered so that a failure (as of writing) leaves both ranks at the same collective;
+    the asymmetric all_gather case (only one rank has empty bytes) goes last because a failure
+    there leaves the other rank waiting in a collective (bounded by the group's timeout).
+    """
+    from train import comm
+
+    rank, dev = env.rank, env.device
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("bcast_empty_src0", lambda: comm.broadcast_bytes(b"" if rank == 0 else None, dev, src=0)),
+        ("bcast_empty_src1", lambda: comm.broadcast_bytes(b"" if rank == 1 else None, dev, src=1)),
+        ("gather_all_empty", lambda: comm.all_gather_bytes(b"", dev)),
+        ("gather_rank0_empty", lambda: comm.all_gather_bytes(b"" if rank == 0 else b"xyz", dev)),
+    ]
+    out: dict[str, Any] = {}
+    for name, case in cases:
+        try:
+            out[name] = case()
+        except Exception as e:
+            out[name] = f"raised {type(e).__name__}: {e}"
+    return out
+
+
+def test_comm_empty_bytes():
+    (r0, _), (r1, _) = run_group(_empty_bytes_worker, timeout=100)
+    expected = {
+        "bcast_empty_src0": b"",
+        "bcast_empty_src1": b"",
+        "gather_all_empty": [b"", b""],
+        "gather_rank0_empty": [b"", b"xyz"],
+    }
+    assert r0 == expected, r0
+    assert r1 == expected, r1
+
+
+# -- (b) restarts against a torchrun agent's store that keeps the previous attempts' keys --------------
+
+
+def _allreduce_worker(env, round_no: int) -> dict:
+    t = torch.tensor([float(env.rank + 1), float(round_no)])
+    dist.all_reduce(t)
+    dist.barrier()
+    return {"sum": t.tolist(), "rank": env.rank, "world": dist.get_world_size()}
+
+
+@pytest.fixture
+def agent_store():
+    """A standalone TCPStore, as torchrun's agent hosts one (it outlives every worker group)."""
+    port = free_port()
+    store = dist.TCPStore(
+        "127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=30)
+    )
+    yield store, port
+    del store
+
+
+def test_restarted_groups_reuse_agent_store(agent_store):
+    store, port = agent_store
+    agent_env = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    generations = []
+    for round_no in range(3):
+        # From the second round on rank 0 starts late: rank 1 meets only the stale keys at first.
+        delays = (0.0, 0.0) if round_no == 0 else (1.5, 0.0)
+        (r0, log0), (r1, log1) = run_group(
+            _allreduce_worker, round_no, port=port, extra_env=agent_env, delays=delays
+        )
+        assert r0["sum"] == r1["sum"] == [3.0, 2.0 * round_no], f"round {round_no}"
+        assert r0["world"] == r1["world"] == 2
+        gen = _generation(log0)
+        assert _generation(log1) == gen, f"round {round_no}: ranks disagree on the generation"
+        generations.append(gen)
+        # The previous attempts' keys really are still there for the next round to trip over.
+        assert store.check(["bootstrap/hello/1"])
+        assert store.num_keys() > 0
+    assert len(set(generations)) == 3, f"a restart reused a namespace: {generations}"
+
+
+def test_stale_hello_nonce_from_dead_attempt(agent_store):
+    store, port = agent_store
+    agent_env = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    # A dead attempt's rank 1 posted its nonce (and maybe got an answer) before everything died.
+    dead_nonce, dead_generation = uuid.uuid4().hex, uuid.uuid4().hex
+    store.set("bootstrap/hello/1", dead_nonce)
+    store.set(f"bootstrap/answer/{dead_nonce}", dead_generation)
+    store.set(f"pg/{dead_generation}/rank_0", "127.0.0.1:1")  # junk under the dead namespace
+    # Rank 1 starts late, so the new rank 0 sees (and answers) the stale nonce first.
+    (r0, log0), (r1, log1) = run_group(
+        _allreduce_worker, 7, port=port, extra_env=agent_env, delays=(0.0, 1.5)
+    )
+    assert r0["sum"] == r1["sum"] == [3.0, 14.0]
+    gen = _generation(log0)
+    assert _generation(log1) == gen
+    assert not dead_generation.startswith(gen)
+    assert store.get("bootstrap/hello/1").decode() != dead_nonce
+
+
+# -- (c) resume: rank 0 decides, every rank restores the same checkpoint ----------------------------
+
+
+def _tiny_state(seed: int):
+    from train.config import ModelConfig, OptimConfig
+    from train.model import GPT
+    from train.sampler import GlobalSampler
+    from train.state import TrainState
+    from train.trainer import build_optimizer, lr_schedule
+
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0), 8)
+    optim_cfg = OptimConfig(warmup_steps=2)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(optim_cfg, 100))
+    return TrainState(model, optimizer, scheduler, GlobalSampler(64, 1337))
+
+
+def _train_a_little(state, steps: int) -> None:
+    from train.lm import lm_loss
+    from train.sampler import plan_batches
+
+    plan = plan_batches(8, WORLD, None)
+    for _ in range(steps):
+        tokens = torch.randint(0, 256, (4, 9))
+        lm_loss(state.model, (tokens[:, :-1], tokens[:, 1:])).backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        state.sampler.advance(plan)
+        state.step += 1
+
+
+def _manager(run_dir: str):
+    from train.ckpt.manager import CheckpointManager
+    from train.ckpt.storage import LocalStorage
+
+    return CheckpointManager(LocalStorage(Path(run_dir) / "checkpoints"), keep=3)
+
+
+def _save_on_rank0(env, state, run_dir: str) -> None:
+    files = state.snapshot(env.device)  # collective
+    if env.rank == 0:
+        assert files is not None
+        _manager(run_dir).save(state.step, files, {"fingerprint": FINGERPRINT, "world_size": WORLD})
+    else:
+        assert files is None
+    dist.barrier()
+
+
+def _to_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
+    from train.errors import IncompatibleCheckpointError
+    from train.resume import resume
+
+    # Different weights per rank, trained differently: only rank 0's state gets saved.
+    state = _tiny_state(seed=10 + env.rank)
+    _train_a_little(state, steps=3 + env.rank)
+    _save_on_rank0(env, state, run_dirs[0])
+
+    fresh = _tiny_state(seed=500 + env.rank)  # a restarted process: new weights, step 0
+    before = safetensors.torch.save(fresh.model.state_dict())
+    resumed = resume(_manager(run_dirs[env.rank]), fresh, env, FINGERPRINT)
+    out: dict[str, Any] = {
+        "resumed": resumed,
+        "step": fresh.step,
+        "cursor": fresh.sampler.cursor,
+        "last_epoch": fresh.scheduler.last_epoch,
+        "weights_before": before,
+        "weights": safetensors.torch.save(fresh.model.state_dict()),
+        "optim": _to_bytes(fresh.optimizer.state_dict()),
+        "own_dir": sorted(p.name for p in (Path(run_dirs[env.rank]) / "checkpoints").iterdir()),
+    }
+    # A checkpoint from another config: every rank fails the same way (no rank left hanging).
+    try:
+        resume(_manager(run_dirs[env.rank]), _tiny_state(seed=1), env, "another-fingerprint")
+        out["mismatch"] = "no error"
+    except IncompatibleCheckpointError as e:
+        out["mismatch"] = str(e)
+    # Nothing on rank 0's side: every rank starts fresh, whatever the others' dirs hold.
+    untouched = _tiny_state(seed=2)
+    out["none"] = resume(_manager(empty_dirs[env.rank]), untouched, env, FINGERPRINT)
+    out["none_step"] = untouched.step
+    return out
+
+
+def test_resume_agrees_across_ranks(tmp_path):
+    run_dirs = [str(tmp_path / "rank0-run"), str(tmp_path / "rank1-run")]
+    # The fresh-start case: rank 0 has nothing; rank 1 has a checkpoint that must be ignored.
+    empty_dirs = [str(tmp_path / "empty0"), run_dirs[0]]
+    (r0, _), (r1, _) = run_group(_resume_worker, run_dirs, empty_dirs)
+
+    ckpt = Path(run_dirs[0]) / "checkpoints" / "step_00000003"
+    saved = safetensors.torch.load_file(str(ckpt / "model.safetensors"))
+    assert r0["weights_before"] != r1["weights_before"]  # the test means something
+    for r in (r0, r1):
+        assert r["resumed"]["step"] == 3
+        assert r["resumed"]["path"] == str(ckpt)
+        assert (r["step"], r["cursor"], r["last_epoch"]) == (3, 24, 3)
+        weights = safetensors.torch.load(r["weights"])
+        assert weights.keys() == saved.keys()
+        for k in saved:
+            assert torch.equal(weights[k], saved[k]), k
+        assert "another-fingerprint" in r["mismatch"] and FINGERPRINT in r["mismatch"]
+        assert r["none"] is None and r["none_step"] == 0
+    assert r0["resumed"] == r1["resumed"]
+    assert r0["weights"] == r1["weights"]
+    o0 = torch.load(io.BytesIO(r0["optim"]), weights_only=True)
+    o1 = torch.load(io.BytesIO(r1["optim"]), weights_only=True)
+    assert o0["state"].keys() == o1["state"].keys() and o0["state"]
+    for pid, s in o0["state"].items():
+        for key, value in s.items():
+            assert torch.equal(value, o1["state"][pid][key]), (pid, key)
+    # Rank 1 read nothing from its own (empty) dir and wrote nothing there.
+    assert r1["own_dir"] == []
+    assert r0["own_dir"] == ["step_00000003"]
+
+
+# -- (d) every rank's RNG streams are checkpointed and come back to the right rank -------------------
+
+
+def _draw() -> dict:
+    return {
+        "torch": torch.rand(4).tolist(),
+        "python": [random.random() for _ in range(3)],
+        "numpy": np.random.rand(3).tolist() if np is not None else None,
+    }
+
+
+def _rng_worker(env, run_dir: str) -> dict:
+    from train import rng
+    from train.resume import resume
+
+    state = _tiny_state(seed=3)
+    rng.seed_all(1337 + 1000 * env.rank)
+    _draw()  # move the streams away from their seeds
+    captured = _to_bytes(rng.capture())
+    _save_on_rank0(env, state, run_dir)  # snapshot happens right here, on both ranks
+    expected = _draw()
+    for _ in range(5):  # what the run did after the checkpoint, then it died
+        _draw()
+    torch.randn(1000)
+    resume(_manager(run_dir), state, env, FINGERPRINT)
+    return {"captured": captured, "expected": expected, "after_restore": _draw()}
+
+
+def test_snapshot_keeps_every_ranks_rng(tmp_path):
+    run_dir = str(tmp_path / "run")
+    (r0, _), (r1, _) = run_group(_rng_worker, run_dir)
+
+    for r in (r0, r1):
+        assert r["after_restore"] == r["expected"]
+    assert r0["expected"]["torch"] != r1["expected"]["torch"]
+    assert r0["expected"]["python"] != r1["expected"]["python"]
+    if np is not None:
+        assert r0["expected"]["numpy"] != r1["expected"]["numpy"]
+
+    train_pt = Path(run_dir) / "checkpoints" / "step_00000000" / "train.pt"
+    saved = torch.load(train_pt, weights_only=True)["rng"]
+    assert isinstance(saved, list) and len(saved) == WORLD
+    for rank, r in enumerate((r0, r1)):
+        captured = torch.load(io.BytesIO(r["captured"]), weights_only=True)
+        assert torch.equal(saved[rank]["torch"], captured["torch"]), f"rank {rank}'s torch stream"
+        assert saved[rank]["python"] == captured["python"], f"rank {rank}'s python stream"
+        if np is not None:
+            assert torch.equal(saved[rank]["numpy"]["keys"], captured["numpy"]["keys"])
+    assert not torch.equal(saved[0]["torch"], saved[1]["torch"])

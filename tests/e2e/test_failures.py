@@ -1,0 +1,122 @@
+"""End-to-end failure classes with real torchrun: preemption, hangs, permanent errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import MAIN, REPO, TORCHRUN, metrics_rows, run_torchrun, tiny_args, train_losses
+
+STEPS = 40
+
+
+def start_torchrun(args: list[str], env: dict[str, str], extra: list[str]) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2", *extra, MAIN, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.Popen(
+        cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(train_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+
+def newest_checkpoint(run_dir: Path) -> int:
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if p.name[5:].isdigit()]
+    return max(steps)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_saves_the_last_completed_step_and_requeue_continues(
+    corpus: Path, tmp_path: Path, sig: signal.Signals
+) -> None:
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, corpus, max_steps=STEPS, ckpt__interval=25)
+    # Slow steps (timing only, results unchanged) so the signal lands mid-run.
+    proc = start_torchrun(
+        args,
+        {"FTJOB_FAULT": "slow:ms=60:restart=any"},
+        ["--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2"],
+    )
+    try:
+        wait_for_step(run_dir, 8)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    status = json.loads((run_dir / "exit_status.json").read_text())
+    assert status["code"] == 143, stderr[-3000:]
+    last = max(train_losses(run_dir))
+    assert last < STEPS
+    assert newest_checkpoint(run_dir) == last  # zero completed steps lost
+    assert f"preempted: saved step {last}" in stderr
+
+    again = run_torchrun(args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {last}" in again.stderr
+    assert "0 completed step(s) lost" in again.stderr
+    assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))
+    assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
+
+
+def test_hung_rank_is_detected_restarted_and_resumed(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    timeout = 6.0
+    args = tiny_args(run_dir, corpus, max_steps=STEPS, watchdog__timeout_s=timeout)
+    result = run_torchrun(args, max_restarts=1, env={"FTJOB_FAULT": "hang:step=15:rank=1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "made no progress" in result.stderr and "after step 15" in result.stderr
+    assert "Thread 0x" in result.stderr or "Current thread" in result.stderr  # faulthandler stack dump
+    rows = metrics_rows(run_dir)
+    hung_at = next(r["time"] for r in rows if r["kind"] == "train" and r["step"] == 15)
+    resumed_first = next(r["time"] for r in rows if r["kind"] == "train" and r.get("restart") == 1)
+    assert resumed_first - hung_at < 2 * timeout + 6, "restart took too long after the hang"
+    assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))
+
+
+def test_permanent_config_error_does_not_burn_restarts(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = run_torchrun(tiny_args(run_dir, corpus, ckpt__keep=0), max_restarts=5)
+    assert result.returncode != 0
+    assert time.monotonic() - started < 60
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("--ckpt.keep" in e for e in errors)
+    assert "stopping torchrun" in result.stderr
+    assert "process group up" not in result.stderr  # failed before rendezvous
+    assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 2
+
+
+@pytest.mark.parametrize(
+    ("bad", "code", "words"),
+    [
+        ({"data.path": "/nonexistent/corpus.txt"}, 3, "--data.path"),
+        ({"run-dir": "FILE/run"}, 5, "not writable"),
+    ],
+)
+def test_permanent_errors_have_their_own_exit_codes(
+    corpus: Path, tmp_path: Path, bad: dict, code: int, words: str
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    args = tiny_args(tmp_path / "run", corpus)
+    for key, value in bad.items():
+        args[args.index(f"--{key}") + 1] = value.replace("FILE", str(a_file))
+    result = subprocess.run(
+        [sys.executable, MAIN, *args], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], lines

@@ -1,0 +1,1 @@
+"""Tasks written by tests against the bring-your-own-model API (``--task module:function``)."""
