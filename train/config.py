@@ -108,6 +108,8 @@ class Config:
     eval_interval: int = 100
     """Validation every N steps (and at the end); 0 disables."""
     eval_batches: int = 8
+    deterministic: bool = True
+    """Deterministic kernels (matters on CUDA): required for bit-exact resume on GPUs; costs some speed."""
     sample_bytes: int = 200
     """Bytes of text rank 0 generates at the end (0: none)."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from train.config import Config
 from train.errors import PermanentError, RunDirError
 
 log = logging.getLogger("train")
@@ -44,12 +45,6 @@ def guess_run_dir(argv: list[str] | None) -> str | None:
             return args[i + 1]
         if arg.startswith("--run-dir="):
             return arg.split("=", 1)[1]
-    return config_default_run_dir()
-
-
-def config_default_run_dir() -> str:
-    from train.config import Config
-
     return Config().run_dir
 
 

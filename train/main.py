@@ -9,6 +9,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import config, dist, failures
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         failures.check_run_dir(cfg.run_dir)
         run_dir = cfg.run_dir
         failures.clear_exit(run_dir)
+        if cfg.deterministic:
+            # Before the first cuBLAS call; warn_only so a kernel without a deterministic variant
+            # degrades bit-exactness with a warning instead of stopping the job.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
         env = dist.setup(cfg.dist.backend, cfg.dist.init_timeout_s)
         try:
             code = train(cfg, env)

@@ -9,14 +9,18 @@ needs to see the run directory's filesystem.
 from __future__ import annotations
 
 import io
+import logging
 from typing import Any
 
 import torch
 from torch import nn
 
 from train import comm, rng
+from train.ckpt.manifest import deserialize
 from train.errors import IncompatibleCheckpointError
 from train.sampler import GlobalSampler
+
+log = logging.getLogger("train")
 
 MODEL_FILE, OPTIM_FILE, TRAIN_FILE = "model.safetensors", "optim.pt", "train.pt"
 
@@ -84,8 +88,6 @@ class TrainState:
         return files
 
     def restore(self, blobs: dict[str, bytes], rank: int, world_size: int) -> None:
-        from train.ckpt.manifest import deserialize
-
         weights = deserialize(MODEL_FILE, blobs[MODEL_FILE])
         try:
             self.model.load_state_dict(weights, strict=True)
@@ -106,9 +108,7 @@ class TrainState:
         # cannot be bit-exact anyway; ranks then reuse saved streams round-robin.
         rng.restore(train["rng"][rank % len(train["rng"])])
         if len(train["rng"]) != world_size:
-            import logging
-
-            logging.getLogger(__name__).warning(
+            log.warning(
                 "checkpoint was written by %d ranks, now %d: resuming, but not bit-exact",
                 len(train["rng"]),
                 world_size,
