@@ -8,8 +8,11 @@ needs to see the run directory's filesystem.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import io
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,27 +68,37 @@ class TrainState:
         self.step = 0  # optimizer steps completed; the next step to run is step + 1
         self.stager = Stager()
 
-    def snapshot(self, device: torch.device) -> dict[str, Any] | None:
-        """Collective: every rank calls it; rank 0 gets the files, the others None."""
+    def snapshot(self, device: torch.device) -> Callable[[], dict[str, Any]] | None:
+        """Collective: every rank calls it; rank 0 gets a deferred copy, the others None.
+
+        What is cheap and mutable outside the optimizer (step, scheduler, sampler, RNG) is captured
+        now. The tensors (weights, optimizer moments) change only inside ``optimizer.step()``, so
+        the returned function may copy them later - in the background, overlapping the next
+        forward/backward - as long as it finishes before the next optimizer step.
+        """
         rng_states = comm.all_gather_bytes(_to_bytes(rng.capture()), device)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return None
-        files = self.stager.stage(
+        small = copy.deepcopy(
             {
-                MODEL_FILE: self.model.state_dict(),
-                OPTIM_FILE: self.optimizer.state_dict(),
-                TRAIN_FILE: {
-                    "step": self.step,
-                    "scheduler": self.scheduler.state_dict(),
-                    "sampler": self.sampler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                    "rng": [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states],
-                },
+                "step": self.step,
+                "scheduler": self.scheduler.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             }
         )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return files
+        small["rng"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states]
+        tensors = {MODEL_FILE: self.model.state_dict(), OPTIM_FILE: self.optimizer.state_dict()}
+
+        def copy_tensors() -> dict[str, Any]:
+            stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                files = self.stager.stage(tensors)
+            if stream is not None:
+                stream.synchronize()
+            return {**files, TRAIN_FILE: small}
+
+        return copy_tensors
 
     def restore(self, blobs: dict[str, bytes], rank: int, world_size: int) -> None:
         weights = deserialize(MODEL_FILE, blobs[MODEL_FILE])

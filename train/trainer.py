@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -54,8 +55,13 @@ def train_step(
     plan: BatchPlan,
     env: distributed.DistEnv,
     grad_clip: float,
+    before_update: Callable[[], None],
 ) -> torch.Tensor:
-    """One optimizer step; returns this rank's mean loss over its micro-batches."""
+    """One optimizer step; returns this rank's mean loss over its micro-batches.
+
+    ``before_update`` runs right before the weights change (a background checkpoint copy may still
+    be reading them until then).
+    """
     micro_batches = state.sampler.step_indices(plan, env.rank)
     loss_sum = torch.zeros((), device=env.device)
     for m, indices in enumerate(micro_batches):
@@ -68,6 +74,7 @@ def train_step(
         loss_sum += loss.detach()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
+    before_update()
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
@@ -142,7 +149,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         preempted = False
         while state.step < cfg.max_steps:
             t0 = time.perf_counter()
-            local_loss = train_step(task, model, state, plan, env, cfg.optim.grad_clip)
+            local_loss = train_step(task, model, state, plan, env, cfg.optim.grad_clip, writer.wait_staged)
             # One small all-reduce carries both the logged loss and "did any rank get a stop signal",
             # so every rank stops at the same step boundary without an extra collective.
             stats = torch.stack([local_loss, torch.tensor(float(stop.requested), device=env.device)])

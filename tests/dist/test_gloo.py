@@ -338,7 +338,7 @@ def _save_on_rank0(env, state, run_dir: str) -> None:
     files = state.snapshot(env.device)  # collective
     if env.rank == 0:
         assert files is not None
-        _manager(run_dir).save(state.step, files, {"fingerprint": FINGERPRINT, "world_size": WORLD})
+        _manager(run_dir).save(state.step, files(), {"fingerprint": FINGERPRINT, "world_size": WORLD})
     else:
         assert files is None
     dist.barrier()

@@ -634,8 +634,10 @@ def train_one_step(state: TrainState) -> None:
 
 def save_train_state(root: Path, state: TrainState) -> CheckpointManager:
     m = manager(root)
-    files = state.snapshot(torch.device("cpu"))
-    assert files is not None and set(files) == {MODEL_FILE, OPTIM_FILE, TRAIN_FILE}
+    copy_out = state.snapshot(torch.device("cpu"))
+    assert copy_out is not None
+    files = copy_out()
+    assert set(files) == {MODEL_FILE, OPTIM_FILE, TRAIN_FILE}
     m.save(state.step, files, {"fingerprint": "abc"})
     return m
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from train.ckpt.manager import CheckpointManager
+from train.ckpt.manifest import deserialize
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriteError, CheckpointWriter
+from train.state import Stager
 
 
 def state(value: float) -> dict:
@@ -90,3 +92,23 @@ def test_rank_without_files_writes_nothing(tmp_path: Path) -> None:
     writer.save(1, lambda: None, {})
     writer.close()
     assert m.list() == []
+
+
+def test_deferred_copy_captures_the_state_before_the_next_update(tmp_path: Path) -> None:
+    m = manager(tmp_path)
+    writer = CheckpointWriter(m, background=True)
+    weights = torch.zeros(100_000)
+    stager = Stager()
+
+    def snapshot():
+        return lambda: {"model.safetensors": stager.stage({"w": weights}), "train.pt": {"step": 1}}
+
+    writer.save(1, snapshot, {})
+    writer.wait_staged()  # what the training loop does right before optimizer.step()
+    weights += 1.0
+    writer.close()
+    loaded = m.load_latest()
+    assert loaded is not None
+    assert torch.equal(
+        deserialize("model.safetensors", loaded.blobs["model.safetensors"])["w"], torch.zeros(100_000)
+    )

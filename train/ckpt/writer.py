@@ -1,8 +1,10 @@
-"""Saves in the background: the step loop pays for a memory snapshot, a thread does the rest.
+"""Saves in the background: the step loop pays (at most) for a memory snapshot, a thread does the rest.
 
-At most one save is in flight. A failed background save is re-raised on the caller's next
-interaction (``check``, ``save`` or ``close``); the atomic commit guarantees it never damaged the
-checkpoints already on disk.
+A snapshot may be deferred: a function that copies the state into staging buffers. The thread runs
+it first; the training loop calls ``wait_staged()`` before it next mutates that state (the optimizer
+step), so the copy overlaps the forward/backward in between. At most one save is in flight. A
+failed background save is re-raised on the caller's next interaction (``check``, ``save`` or
+``close``); the atomic commit guarantees it never damaged the checkpoints already on disk.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from train.ckpt.manager import CheckpointManager
 log = logging.getLogger(__name__)
 
 
+Files = dict[str, Any]
+Snapshot = Files | Callable[[], Files]  # ready files, or a function that copies them out
+
+
 class CheckpointWriteError(RuntimeError):
     pass
 
@@ -28,12 +34,18 @@ class CheckpointWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_committed: int | None = None
-        self.last_stall_s = 0.0
+        self._staged = threading.Event()
+        self._staged.set()
+        self.stall_s = 0.0  # time the caller spent blocked by the latest save, in save() and wait_staged()
 
-    def _write(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> None:
+    def _write(self, step: int, state: Snapshot, meta: dict[str, Any]) -> None:
         try:
             t0 = time.perf_counter()
-            name = self.manager.save(step, state, meta)
+            try:
+                files = state() if callable(state) else state
+            finally:
+                self._staged.set()
+            name = self.manager.save(step, files, meta)
             self.last_committed = step
             log.info("checkpoint %s committed (%.2fs)", name, time.perf_counter() - t0)
         except BaseException as e:
@@ -44,13 +56,20 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise CheckpointWriteError(f"background checkpoint save failed: {error!r}") from error
 
+    def wait_staged(self) -> None:
+        """Block until the latest snapshot has been copied out (call before mutating the state)."""
+        if not self._staged.is_set():
+            t0 = time.perf_counter()
+            self._staged.wait()
+            self.stall_s += time.perf_counter() - t0
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         self.check()
 
-    def save(self, step: int, snapshot: Callable[[], dict[str, Any] | None], meta: dict[str, Any]) -> None:
+    def save(self, step: int, snapshot: Callable[[], Snapshot | None], meta: dict[str, Any]) -> None:
         """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it.
 
         ``snapshot`` may be collective; a rank that gets None from it has nothing to write.
@@ -61,6 +80,7 @@ class CheckpointWriter:
         if state is None:
             pass
         elif self.background:
+            self._staged.clear()
             self._thread = threading.Thread(
                 target=self._write, args=(step, state, meta), name=f"ckpt-save-{step}", daemon=True
             )
@@ -68,7 +88,7 @@ class CheckpointWriter:
         else:
             self._write(step, state, meta)
             self.check()
-        self.last_stall_s = time.perf_counter() - t0
+        self.stall_s = time.perf_counter() - t0
 
     def close(self) -> None:
         self.wait()
