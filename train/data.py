@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -42,16 +43,22 @@ def list_sources(root: Path) -> list[Path]:
 def prepare(path: str | None, cache_dir: str, val_every: int) -> tuple[Path, Path]:
     """Return (train.bin, val.bin), building them in the cache if they are not there yet."""
     root = Path(path).expanduser().resolve() if path else default_corpus_root()
-    sources = list_sources(root)
-    key = hashlib.sha256(str(root).encode())
-    for p in sources:
-        st = p.stat()
-        key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    key.update(f"val_every={val_every}".encode())
+    key = hashlib.sha256(f"{root}\0val_every={val_every}\0".encode())
+    if path is None:
+        # The standard library does not change under an installed Python: naming the interpreter
+        # is enough, and skips stat()ing thousands of files on every (re)start.
+        key.update(f"{sys.version}\0{sys.platform}".encode())
+        sources = None
+    else:
+        sources = list_sources(root)
+        for p in sources:
+            st = p.stat()
+            key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     out = Path(cache_dir).expanduser() / f"corpus-{key.hexdigest()[:16]}"
     train_bin, val_bin = out / "train.bin", out / "val.bin"
     if train_bin.exists() and val_bin.exists():
         return train_bin, val_bin
+    sources = sources or list_sources(root)
     out.mkdir(parents=True, exist_ok=True)
     splits: dict[Path, list[bytes]] = {train_bin: [], val_bin: []}
     for i, p in enumerate(sources):

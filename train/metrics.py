@@ -21,7 +21,7 @@ log = logging.getLogger("train")
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO,
-        format=f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s.%(msecs)03d [rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )

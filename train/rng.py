@@ -4,27 +4,22 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import torch
-
-try:
-    import numpy as np
-except ImportError:  # numpy is optional; only user tasks would draw from it
-    np = None
 
 
 def capture() -> dict:
     state: dict = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    if np is not None:
-        kind, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {
-            "kind": kind,
-            "keys": torch.from_numpy(keys.astype("int64")),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "gauss": float(gauss),
-        }
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype("int64")),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
     return state
 
 
@@ -33,7 +28,7 @@ def restore(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state and np is not None:
+    if "numpy" in state:
         s = state["numpy"]
         np.random.set_state(
             (s["kind"], s["keys"].numpy().astype("uint32"), s["pos"], s["has_gauss"], s["gauss"])
@@ -43,5 +38,4 @@ def restore(state: dict) -> None:
 def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
-    if np is not None:
-        np.random.seed(seed % 2**32)
+    np.random.seed(seed % 2**32)

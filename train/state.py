@@ -88,7 +88,15 @@ class TrainState:
             }
         )
         small["rng"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states]
-        tensors = {MODEL_FILE: self.model.state_dict(), OPTIM_FILE: self.optimizer.state_dict()}
+        weights = self.model.state_dict()
+        # Buffers (e.g. BatchNorm statistics) may change during the forward pass, not only in
+        # optimizer.step(): copy those now. They are small.
+        buffers = {name for name, _ in self.model.named_buffers()}
+        now = self.stager.stage({k: v for k, v in weights.items() if k in buffers}, MODEL_FILE)
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        later = {k: v for k, v in weights.items() if k not in buffers}
+        tensors = {MODEL_FILE: later, OPTIM_FILE: self.optimizer.state_dict()}
 
         def copy_tensors() -> dict[str, Any]:
             stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -96,6 +104,9 @@ class TrainState:
                 files = self.stager.stage(tensors)
             if stream is not None:
                 stream.synchronize()
+            # Keep the model's own key order: a plain state dict, as load_state_dict expects.
+            model = {**files[MODEL_FILE], **now}
+            files[MODEL_FILE] = {k: model[k] for k in weights}
             return {**files, TRAIN_FILE: small}
 
         return copy_tensors

@@ -131,7 +131,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         if resumed is not None:
             metrics.event("resume", **resumed)
         stop = stack.enter_context(preempt.StopSignals())
-        watchdog = stack.enter_context(Watchdog(cfg.watchdog, env.rank))
+        watchdog = stack.enter_context(Watchdog(cfg.watchdog, env.rank, cfg.run_dir))
         meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
 
         def save() -> None:

@@ -17,13 +17,14 @@ import time
 
 from train.config import WatchdogConfig
 from train.errors import EXIT_HANG
+from train.failures import record_exit
 
 log = logging.getLogger("train")
 
 
 class Watchdog:
-    def __init__(self, cfg: WatchdogConfig, rank: int):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: WatchdogConfig, rank: int, run_dir: str):
+        self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
         self._last = 0.0  # monotonic time of the last completed step; 0 = not armed
         self._step = 0
         self._times: list[float] = []
@@ -58,6 +59,8 @@ class Watchdog:
                 )
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 sys.stderr.flush()
+                # If torchrun's restarts run out, the launcher still reports "retryable".
+                record_exit(self.run_dir, EXIT_HANG, f"no progress after step {self._step}")
                 os._exit(EXIT_HANG)
 
     def __enter__(self) -> Watchdog:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def recovery_times(run_dir: Path) -> list[float]:
     """Per restart: last step logged before the kill -> first step completed after the resume."""
     rows = [r for r in metrics_rows(run_dir) if r["kind"] == "train"]
     out = []
-    for before, after in zip(rows, rows[1:], strict=False):
+    for before, after in itertools.pairwise(rows):
         if after["restart"] != before["restart"]:
             out.append(after["time"] - before["time"])
     return out
