@@ -1,7 +1,7 @@
 """Everything a resumed run needs to continue bit-for-bit, as checkpoint files and back.
 
-Files: ``model.safetensors`` (plain {name: tensor}, unwrapped), ``optim.pt`` and ``train.pt``
-(step, scheduler, sampler, grad scaler, and the RNG states of every rank), all weights_only-loadable.
+Files: ``model.safetensors`` (plain {name: tensor}, unwrapped), ``optim.safetensors`` and
+``train.safetensors`` (step, scheduler, sampler, grad scaler, and the RNG states of every rank).
 Rank 0 reads and verifies; the other ranks receive the bytes by broadcast, so no rank but rank 0
 needs to see the run directory's filesystem.
 """
@@ -25,7 +25,7 @@ from train.sampler import GlobalSampler
 
 log = logging.getLogger("train")
 
-MODEL_FILE, OPTIM_FILE, TRAIN_FILE = "model.safetensors", "optim.pt", "train.pt"
+MODEL_FILE, OPTIM_FILE, TRAIN_FILE = "model.safetensors", "optim.safetensors", "train.safetensors"
 
 
 class Stager:

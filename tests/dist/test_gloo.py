@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
+
+from train.ckpt.manifest import deserialize
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
@@ -456,8 +458,8 @@ def test_snapshot_keeps_every_ranks_rng(tmp_path):
     if np is not None:
         assert r0["expected"]["numpy"] != r1["expected"]["numpy"]
 
-    train_pt = Path(run_dir) / "checkpoints" / "step_00000000" / "train.pt"
-    saved = torch.load(train_pt, weights_only=True)["rng"]
+    train_pt = Path(run_dir) / "checkpoints" / "step_00000000" / "train.safetensors"
+    saved = deserialize("train.safetensors", train_pt.read_bytes())["rng"]
     assert isinstance(saved, list) and len(saved) == WORLD
     for rank, r in enumerate((r0, r1)):
         captured = torch.load(io.BytesIO(r["captured"]), weights_only=True)

@@ -18,7 +18,7 @@ STEPS = 40
 def final_state(run_dir: Path, step: int = STEPS) -> tuple[dict, dict]:
     ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
     weights = safetensors.torch.load_file(ckpt / "model.safetensors")
-    optim = deserialize("optim.pt", (ckpt / "optim.pt").read_bytes())
+    optim = deserialize("optim.safetensors", (ckpt / "optim.safetensors").read_bytes())
     return weights, optim
 
 

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import safetensors.torch
 import torch
 import xxhash
 
+from train.ckpt.codec import deserialize, serialize
+
 FORMAT_VERSION = 1
+__all__ = ["deserialize", "serialize"]  # re-exported: the manager reads and writes through these
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step_(\d{8,})")
 
@@ -29,22 +30,6 @@ def step_of(name: str) -> int | None:
 
 def checksum(data: bytes | memoryview) -> str:
     return xxhash.xxh3_64_hexdigest(data)
-
-
-def serialize(file: str, obj: Any) -> bytes:
-    """``*.safetensors``: a flat {name: tensor} dict; ``*.pt``: anything weights_only can load."""
-    if file.endswith(".safetensors"):
-        return safetensors.torch.save(obj)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
-def deserialize(file: str, data: bytes) -> Any:
-    if file.endswith(".safetensors"):
-        return safetensors.torch.load(data)
-    # weights_only: a checkpoint is data, never code, even if someone else wrote it.
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 def build(step: int, blobs: dict[str, bytes], meta: dict[str, Any]) -> bytes:
