@@ -11,18 +11,23 @@ ARGS ?=
 
 .PHONY: setup run test lint format chaos bench clean
 
-setup: $(VENV)/.installed
+# The stamp names the torch build, so `make setup TORCH_INDEX=...` after a CPU setup reinstalls.
+STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
 
-$(VENV)/.installed: pyproject.toml
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an open range would pull a multi-GB CUDA build on a CPU machine.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--force-reinstall --index-url $(TORCH_INDEX)) torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-torch-*
 	touch $@
 
 run: setup
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) --max-restarts=3 train/main.py $(ARGS)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) --max-restarts=3 \
+		--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2 train/main.py $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests/unit tests/dist tests/e2e

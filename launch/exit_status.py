@@ -19,9 +19,8 @@ import contextlib
 import json
 import sys
 import time
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 STATUS_FILE = "exit_status.json"
 DEFAULT_RUN_DIR = "runs/default"  # train.config.Config.run_dir (a unit test keeps the two equal)

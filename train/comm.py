@@ -49,15 +49,6 @@ def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:
     return [bytes(p[: int(n.item())].cpu().numpy()) for p, n in zip(parts, lengths, strict=True)]
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any rank (so all ranks act at the same step)."""
-    if not _active():
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def mean(value: torch.Tensor) -> torch.Tensor:
     """Global mean of a per-rank scalar (a detached copy)."""
     value = value.detach().clone()

@@ -14,13 +14,13 @@ import io
 import json
 import re
 import sys
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import tomllib
 import tyro
 
 from train.errors import ConfigError, DataError

@@ -24,6 +24,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from train.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +45,8 @@ class DistEnv:
 
 def pick_backend(requested: str) -> tuple[str, bool]:
     """Return (backend, use_cuda)."""
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("--dist.backend nccl needs CUDA, and none is available; use auto or gloo")
     use_cuda = torch.cuda.is_available() and requested in ("auto", "nccl")
     return ("nccl" if use_cuda else "gloo"), use_cuda
 

@@ -6,7 +6,6 @@ cannot help: fix the input), 128-255 are retryable (requeue or restart and it wi
 
 from __future__ import annotations
 
-EXIT_OK = 0
 # Permanent: the same input fails the same way on every restart.
 EXIT_CONFIG = 2  # bad option or value, bad config file
 EXIT_DATA = 3  # data missing or unreadable

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = None
     try:
         cfg = config.parse(argv)
-        failures.check_run_dir(cfg.run_dir)
+        if os.environ.get("RANK", "0") == "0":  # only rank 0 writes there
+            failures.check_run_dir(cfg.run_dir)
         run_dir = cfg.run_dir
         failures.clear_exit(run_dir)
         if cfg.deterministic:

@@ -74,7 +74,7 @@ def resume(manager: CheckpointManager, state: TrainState, env: DistEnv, fingerpr
         log.info("no checkpoint to resume from: starting at step 1")
         return None
     blobs = {f: comm.broadcast_bytes(blobs.get(f), env.device) for f in header["files"]}
-    state.restore(blobs, env.rank, env.world_size)
+    state.restore(blobs, env.rank, env.world_size, env.device)
     lost = max(header["last_logged"] - header["step"], 0)
     log.info(
         "resumed from step %d (%s); %d completed step(s) lost, next step %d",

@@ -8,10 +8,15 @@ import numpy as np
 import torch
 
 
-def capture() -> dict:
+def capture(device: torch.device | None = None) -> dict:
+    """Python, NumPy, torch CPU and - for a CUDA ``device`` - that device's generator.
+
+    Only this rank's own GPU: get_rng_state_all() would create a CUDA context on every GPU of the
+    node in every rank, and could not be restored on a node with fewer GPUs.
+    """
     state: dict = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state["numpy"] = {
         "kind": kind,
@@ -23,11 +28,11 @@ def capture() -> dict:
     return state
 
 
-def restore(state: dict) -> None:
+def restore(state: dict, device: torch.device | None = None) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     if "numpy" in state:
         s = state["numpy"]
         np.random.set_state(

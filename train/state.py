@@ -24,6 +24,7 @@ from train.errors import IncompatibleCheckpointError
 from train.sampler import GlobalSampler
 
 log = logging.getLogger("train")
+CPU = torch.device("cpu")
 
 MODEL_FILE, OPTIM_FILE, TRAIN_FILE = "model.safetensors", "optim.safetensors", "train.safetensors"
 
@@ -76,7 +77,7 @@ class TrainState:
         the returned function may copy them later - in the background, overlapping the next
         forward/backward - as long as it finishes before the next optimizer step.
         """
-        rng_states = comm.all_gather_bytes(_to_bytes(rng.capture()), device)
+        rng_states = comm.all_gather_bytes(_to_bytes(rng.capture(device)), device)
         if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
             return None
         small = copy.deepcopy(
@@ -111,7 +112,9 @@ class TrainState:
 
         return copy_tensors
 
-    def restore(self, blobs: dict[str, bytes], rank: int, world_size: int) -> None:
+    def restore(
+        self, blobs: dict[str, bytes], rank: int, world_size: int, device: torch.device = CPU
+    ) -> None:
         weights = deserialize(MODEL_FILE, blobs[MODEL_FILE])
         try:
             self.model.load_state_dict(weights, strict=True)
@@ -130,7 +133,7 @@ class TrainState:
         self.step = int(train["step"])
         # Same world size: each rank continues its own random streams. A different world size
         # cannot be bit-exact anyway; ranks then reuse saved streams round-robin.
-        rng.restore(train["rng"][rank % len(train["rng"])])
+        rng.restore(train["rng"][rank % len(train["rng"])], device)
         if len(train["rng"]) != world_size:
             log.warning(
                 "checkpoint was written by %d ranks, now %d: resuming, but not bit-exact",

@@ -19,7 +19,7 @@ from train import comm, config, faults, preempt, rng
 from train import dist as distributed
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
-from train.ckpt.writer import CheckpointWriter
+from train.ckpt.writer import CheckpointWriteError, CheckpointWriter
 from train.errors import EXIT_PREEMPTED
 from train.metrics import Metrics
 from train.resume import resume
@@ -56,8 +56,8 @@ def train_step(
     env: distributed.DistEnv,
     grad_clip: float,
     before_update: Callable[[], None],
-) -> torch.Tensor:
-    """One optimizer step; returns this rank's mean loss over its micro-batches.
+) -> tuple[torch.Tensor, float]:
+    """One optimizer step; returns this rank's mean loss over its micro-batches and the step's LR.
 
     ``before_update`` runs right before the weights change (a background checkpoint copy may still
     be reading them until then).
@@ -75,12 +75,35 @@ def train_step(
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
     before_update()
+    lr = state.optimizer.param_groups[0]["lr"]
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.sampler.advance(plan)
     state.step += 1
-    return loss_sum
+    return loss_sum, lr
+
+
+def warm_up_buckets(
+    task: Task, model: torch.nn.Module, state: TrainState, plan: BatchPlan, env: distributed.DistEnv
+) -> None:
+    """One throwaway forward/backward, so that every start reaches its first real step alike.
+
+    DDP reorders its gradient buckets after the first backward. With 3+ ranks the summation order
+    of an element depends on its place in the bucket, so a resumed run (first step: initial
+    layout) and an uninterrupted one (rebuilt layout) would differ in the last bits. Eval mode and
+    forked RNG keep dropout streams and buffers untouched; the gradients are thrown away.
+    """
+    if not isinstance(model, DDP):
+        return
+    indices = state.sampler.step_indices(plan, env.rank)[0]
+    batch = collate([task.train_data[i] for i in indices], env.device)
+    devices = [env.device] if env.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        task.loss_fn(model, batch).backward()
+        model.train()
+    state.optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -88,6 +111,8 @@ def evaluate(task: Task, cfg: config.Config, plan: BatchPlan, env: distributed.D
     if task.val_data is None or len(task.val_data) == 0:
         return None
     model = task.model
+    # A task's evaluation may draw random numbers; the training streams must not notice.
+    streams = rng.capture(env.device)
     model.eval()
     per_rank = plan.micro_batch_size
     total = torch.zeros((), device=env.device)
@@ -96,6 +121,7 @@ def evaluate(task: Task, cfg: config.Config, plan: BatchPlan, env: distributed.D
         indices = [i % len(task.val_data) for i in range(start, start + per_rank)]
         total += task.loss_fn(model, collate([task.val_data[i] for i in indices], env.device))
     model.train()
+    rng.restore(streams, env.device)
     return float(comm.mean(total / cfg.eval_batches))
 
 
@@ -123,6 +149,8 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         else task.model
     )
 
+    warm_up_buckets(task, model, state, plan, env)
+
     with ExitStack() as stack:
         writer = CheckpointWriter(manager, background=cfg.ckpt.async_save)
         stack.callback(writer.close)
@@ -136,6 +164,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
 
         def save() -> None:
             writer.save(state.step, lambda: state.snapshot(env.device), meta)
+            metrics.event("checkpoint", step=state.step, stall_s=writer.stall_s)
 
         log.info(
             "training steps %d..%d: %d ranks x %d micro-batch x %d accumulation = %d samples/step",
@@ -146,43 +175,52 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             plan.accum_steps,
             plan.global_batch_size,
         )
-        preempted = False
-        while state.step < cfg.max_steps:
+        preempted, final = False, state.step >= cfg.max_steps
+        while not final:
             t0 = time.perf_counter()
-            local_loss = train_step(task, model, state, plan, env, cfg.optim.grad_clip, writer.wait_staged)
-            # One small all-reduce carries both the logged loss and "did any rank get a stop signal",
-            # so every rank stops at the same step boundary without an extra collective.
-            stats = torch.stack([local_loss, torch.tensor(float(stop.requested), device=env.device)])
+            local_loss, lr = train_step(
+                task, model, state, plan, env, cfg.optim.grad_clip, writer.wait_staged
+            )
+            # One small all-reduce per step carries the logged loss and everything the ranks must
+            # agree on at this boundary: a stop signal on any rank, and whether rank 0's background
+            # save is still running or has failed. No extra collective, no rank acting alone.
+            flags = torch.tensor([stop.requested, writer.busy, writer.failed], dtype=torch.float32)
+            stats = torch.cat([local_loss.reshape(1).float(), flags.to(env.device)])
             if env.backend:
                 dist.all_reduce(stats)
-            loss, preempted = float(stats[0] / env.world_size), bool(stats[1] > 0)
+            loss = float(stats[0] / env.world_size)
+            preempted, save_busy, save_failed = (bool(x > 0) for x in stats[1:].tolist())
+            if save_failed:
+                writer.check()  # rank 0 raises its own error
+                raise CheckpointWriteError("rank 0 could not write a checkpoint (see its log)")
             step_time = time.perf_counter() - t0
             if state.step == (resumed or {}).get("step", 0) + 1:
                 distributed.set_timeout(cfg.dist.timeout_s)
             watchdog.progress(state.step, step_time)
-            writer.check()
             metrics.train_step(
-                state.step,
-                loss,
-                scheduler.get_last_lr()[0],
-                state.sampler.cursor,
-                step_time,
-                env.world_size,
-                env.restart,
+                state.step, loss, lr, state.sampler.cursor, step_time, env.world_size, env.restart
             )
             faults.after_step(state.step)
-            final = state.step == cfg.max_steps
-            if preempted or final or (cfg.ckpt.interval and state.step % cfg.ckpt.interval == 0):
-                save()
-            if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or final):
-                val = evaluate(task, cfg, plan, env)
-                if val is not None:
-                    metrics.val(state.step, val)
-            if preempted:
+            final = state.step >= cfg.max_steps
+            due = bool(cfg.ckpt.interval) and state.step % cfg.ckpt.interval == 0
+            with watchdog.paused():
+                if final or preempted or (due and not save_busy):
+                    save()
+                elif due:
+                    log.warning(
+                        "skipping the checkpoint of step %d: the previous one is still being "
+                        "written (slow storage?)",
+                        state.step,
+                    )
+                if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or final) and not preempted:
+                    val = evaluate(task, cfg, plan, env)
+                    if val is not None:
+                        metrics.val(state.step, val)
+            if preempted and not final:
                 break
-        writer.wait()
-        watchdog.pause()
-        if preempted:
+        with watchdog.paused():
+            writer.wait()
+        if not final:
             log.warning(
                 "preempted: saved step %d; exit %d asks the scheduler to requeue", state.step, EXIT_PREEMPTED
             )

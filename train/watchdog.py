@@ -7,6 +7,7 @@ timeout. The timeout is explicit, or derived from observed step times with a flo
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -14,6 +15,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 from train.config import WatchdogConfig
 from train.errors import EXIT_HANG
@@ -42,8 +44,14 @@ class Watchdog:
         self._times = ([*self._times, step_time])[-50:]
         self._last = time.monotonic()
 
-    def pause(self) -> None:
-        self._last = 0.0
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Not a step: checkpoint waits and evaluation may take longer than any step."""
+        armed, self._last = self._last, 0.0
+        try:
+            yield
+        finally:
+            self._last = time.monotonic() if armed else 0.0
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):

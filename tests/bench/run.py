@@ -344,7 +344,7 @@ def machine() -> list[str]:
         f"- CPU: {cpu}; cores: {os.cpu_count()} ({usable} usable)",
         f"- torch {torch.__version__}, Python {platform.python_version()}, "
         f"{platform.system()} {platform.release()}",
-        f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
     ]
 

@@ -168,10 +168,6 @@ def _comm_worker(env) -> dict:
         "gather_diff_len": comm.all_gather_bytes(b"r%d:" % rank + b"x" * (37 * rank), dev),
         "gather_same_len": comm.all_gather_bytes(b"abc%d" % rank, dev),
         "gather_big": comm.all_gather_bytes(bytes([rank]) * (100_000 + rank), dev),
-        "any_none": comm.any_rank(False, dev),
-        "any_rank1": comm.any_rank(rank == 1, dev),
-        "any_rank0": comm.any_rank(rank == 0, dev),
-        "any_all": comm.any_rank(True, dev),
         "mean": comm.mean(value).item(),
         "mean_input_untouched": value.item(),
         "mean_vector": comm.mean(torch.tensor([1.0, -2.0]) * (rank + 1)).tolist(),
@@ -192,7 +188,6 @@ def test_comm_collectives_agree_on_both_ranks():
         assert r["gather_diff_len"] == [b"r0:", b"r1:" + b"x" * 37]
         assert r["gather_same_len"] == [b"abc0", b"abc1"]
         assert r["gather_big"] == [b"\x00" * 100_000, b"\x01" * 100_001]
-        assert (r["any_none"], r["any_rank1"], r["any_rank0"], r["any_all"]) == (False, True, True, True)
         assert r["mean"] == pytest.approx(4.0)  # (2 + 6) / 2
         assert r["mean_vector"] == pytest.approx([1.5, -3.0])
     assert r0["mean_input_untouched"] == 2.0 and r1["mean_input_untouched"] == 6.0
@@ -372,7 +367,7 @@ def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
         "weights_before": before,
         "weights": safetensors.torch.save(fresh.model.state_dict()),
         "optim": _to_bytes(fresh.optimizer.state_dict()),
-        "own_dir": sorted(p.name for p in (Path(run_dirs[env.rank]) / "checkpoints").iterdir()),
+        "own_dir": sorted(p.name for p in (Path(run_dirs[env.rank]) / "checkpoints").glob("*")),
     }
     # A checkpoint from another config: every rank fails the same way (no rank left hanging).
     try:

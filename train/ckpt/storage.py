@@ -76,10 +76,12 @@ class _LocalPendingWrite:
 
 class LocalStorage:
     def __init__(self, root: str | Path):
+        # Created on first write: ranks that never write need not see this path at all.
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
 
     def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
         return sorted(
             p.name
             for p in self.root.iterdir()
@@ -87,6 +89,7 @@ class LocalStorage:
         )
 
     def begin(self, name: str) -> _LocalPendingWrite:
+        self.root.mkdir(parents=True, exist_ok=True)
         return _LocalPendingWrite(self.root, name)
 
     def read(self, name: str, file: str) -> bytes:
@@ -112,12 +115,14 @@ class LocalStorage:
         return target
 
     def set_aside_names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if INVALID_TAG in p.name)
+        return (
+            sorted(p.name for p in self.root.iterdir() if INVALID_TAG in p.name) if self.root.is_dir() else []
+        )
 
     def clean_temporaries(self) -> list[str]:
         """Remove what crashed writes left behind. Call only when no write is in flight."""
         removed = []
-        for p in self.root.iterdir():
+        for p in self.root.iterdir() if self.root.is_dir() else ():
             if p.name.startswith(TMP_PREFIX):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)

@@ -51,6 +51,15 @@ class CheckpointWriter:
         except BaseException as e:
             self._error = e
 
+    @property
+    def busy(self) -> bool:
+        """A background save is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def failed(self) -> bool:
+        return self._error is not None
+
     def check(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
