@@ -77,7 +77,9 @@ def test_torchrun_two_ranks(tmp_path, corpus):
     assert [r["step"] for r in val_rows] == [20, 40]
     for r in val_rows:
         assert "loss" not in r and isinstance(r["val_loss"], float) and math.isfinite(r["val_loss"])
-    assert {r["kind"] for r in rows} == {"train", "val"}  # a fresh run: no resume row
+    assert {r["kind"] for r in rows} == {"train", "val", "checkpoint"}  # a fresh run: no resume row
+    saves = [r for r in rows if r["kind"] == "checkpoint"]
+    assert [r["step"] for r in saves] == [10, 20, 30, 40] and all(r["stall_s"] >= 0 for r in saves)
 
     # The resolved config, as this very parser resolves the same arguments.
     written = json.loads((run_dir / "config.json").read_text())
