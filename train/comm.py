@@ -13,13 +13,17 @@ def _active() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _as_tensor(data: bytes, device: torch.device) -> torch.Tensor:
-    if not data:  # frombuffer refuses an empty buffer
+Buffer = bytes | bytearray | memoryview
+
+
+def _as_tensor(data: Buffer, device: torch.device) -> torch.Tensor:
+    if not len(data):  # frombuffer refuses an empty buffer
         return torch.empty(0, dtype=torch.uint8, device=device)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    writable = bytearray(data) if isinstance(data, bytes) else data
+    return torch.frombuffer(writable, dtype=torch.uint8).to(device)
 
 
-def broadcast_bytes(data: bytes | None, device: torch.device, src: int = 0) -> bytes:
+def broadcast_bytes(data: Buffer | None, device: torch.device, src: int = 0) -> Buffer:
     if not _active():
         assert data is not None
         return data
@@ -31,7 +35,9 @@ def broadcast_bytes(data: bytes | None, device: torch.device, src: int = 0) -> b
         buf = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
     if buf.numel():
         dist.broadcast(buf, src)
-    return data if dist.get_rank() == src else bytes(buf.cpu().numpy())  # type: ignore[return-value]
+    if dist.get_rank() == src:
+        return data  # type: ignore[return-value]
+    return bytearray(buf.cpu().numpy())
 
 
 def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:

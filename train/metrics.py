@@ -1,8 +1,9 @@
 """What a run reports: metrics.jsonl (rank 0), log lines carrying the rank, a progress bar on a TTY.
 
 metrics.jsonl is appended to across restarts. Each row has ``kind``: "train" (one per optimizer
-step), "val", "checkpoint" (the step loop's stall for a save), or "resume". After a resume the steps since the checkpoint appear again; for any step,
-the last row written is the one the final model went through.
+step), "val", "checkpoint" (the step loop's stall for a save), or "resume". After a resume the
+steps since the checkpoint appear again; for any step, the last row written is the one the final
+model went through.
 """
 
 from __future__ import annotations

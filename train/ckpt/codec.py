@@ -64,13 +64,50 @@ def serialize(file: str, obj: Any) -> bytes:
     return safetensors.torch.save(tensors, metadata={SKELETON: json.dumps(skeleton)})
 
 
-def deserialize(file: str, data: bytes) -> Any:
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _tensors_over(data: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors blob as views of ``data``: no copy (it must be writable,
+    since optimizer state loaded this way is updated in place)."""
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(bytes(data[8 : 8 + header_len]))
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        count = (end - start) // dtype.itemsize
+        flat = (
+            torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
+            if count
+            else torch.empty(0, dtype=dtype)
+        )
+        tensors[name] = flat.view(info["shape"])
+    return tensors, metadata
+
+
+def deserialize(file: str, data: bytes | bytearray | memoryview) -> Any:
     if file.endswith(".pt"):
         # weights_only: a checkpoint is data, never code, even if someone else wrote it.
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
-    tensors = safetensors.torch.load(data)
-    header_len = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+    if isinstance(data, bytes):  # immutable: tensors over it could not be updated in place
+        data = bytearray(data)
+    tensors, metadata = _tensors_over(data)
     if SKELETON not in metadata:
         return tensors
     return _unflatten(json.loads(metadata[SKELETON]), tensors)

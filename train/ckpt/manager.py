@@ -36,7 +36,7 @@ class Loaded:
     name: str
     location: str
     manifest: dict
-    blobs: dict[str, bytes]
+    blobs: dict[str, bytes | memoryview]
     skipped: list[tuple[str, str]]  # newer checkpoints that did not verify, and why
 
 
@@ -55,7 +55,7 @@ class CheckpointManager:
     def _manifest(self, name: str) -> dict:
         step = mf.step_of(name)
         try:
-            raw = self.storage.read(name, mf.MANIFEST)
+            raw = bytes(self.storage.read(name, mf.MANIFEST))
         except FileNotFoundError:
             raw = None
         return mf.parse(raw, step if step is not None else -1)
