@@ -29,4 +29,4 @@ wa = st.load_file(f"{out}/ref/checkpoints/step_00000060/model.safetensors")
 wb = st.load_file(f"{out}/crash/checkpoints/step_00000060/model.safetensors")
 print("CUDA resume: losses equal:", a == b, "| weights equal:", all(torch.equal(wa[k], wb[k]) for k in wa))
 PY
-python3 tests/bench/run.py --quick --cuda --out "$OUT/bench.md" || echo "bench --cuda not available"
+python3 tests/gpu/p1p2.py --device cuda --mb 50 500 | tee "$OUT/p1p2.txt"
