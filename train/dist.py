@@ -67,13 +67,16 @@ def _answer_peers(store: dist.Store, world_size: int, generation: str, done: thr
     """Rank 0: answer every nonce a peer posts until the group is up (stale nonces are harmless)."""
     answered: set[str] = set()
     keys = [f"bootstrap/hello/{r}" for r in range(1, world_size)]
-    while not done.wait(0.02):
-        for key in keys:
-            if store.check([key]):
-                nonce = store.get(key).decode()
-                if nonce not in answered:
-                    store.set(f"bootstrap/answer/{nonce}", generation)
-                    answered.add(nonce)
+    try:
+        while not done.wait(0.02):
+            for key in keys:
+                if store.check([key]):
+                    nonce = store.get(key).decode()
+                    if nonce not in answered:
+                        store.set(f"bootstrap/answer/{nonce}", generation)
+                        answered.add(nonce)
+    except Exception:  # noqa: BLE001 - otherwise peers would wait out the whole init timeout silently
+        log.exception("process-group bootstrap: rank 0 stopped answering its peers")
 
 
 def _agree_generation(store: dist.Store, rank: int) -> tuple[str, threading.Event | None]:
