@@ -75,7 +75,7 @@ def _answer_peers(store: dist.Store, world_size: int, generation: str, done: thr
                     if nonce not in answered:
                         store.set(f"bootstrap/answer/{nonce}", generation)
                         answered.add(nonce)
-    except Exception:
+    except Exception:  # say so: the peers would otherwise wait out the init timeout in silence
         log.exception("process-group bootstrap: rank 0 stopped answering its peers")
 
 
