@@ -2,8 +2,10 @@
 
 A checkpoint is ``step_<8 digits>/`` holding named files and ``manifest.json`` (written last, with
 each file's size and checksum). Rules that hold on every path, failures included:
-- a committed checkpoint is never overwritten; one that fails verification is set aside, not deleted;
-- older checkpoints are deleted only after a newer one is committed *and* verified;
+- a committed checkpoint is never overwritten; one that fails verification is set aside when its
+  step is written again, not deleted;
+- older checkpoints (valid or not) are deleted only once ``keep`` newer ones are committed *and*
+  verified;
 - loading walks from the newest down and skips (with a warning) whatever does not verify.
 """
 
@@ -46,6 +48,7 @@ class CheckpointManager:
             raise ValueError("keep must be >= 1")
         self.storage, self.keep = storage, keep
         self._verified: set[str] = set()
+        self._failed: dict[str, str] = {}
 
     # -- reading -----------------------------------------------------------------------------
     def _steps(self) -> list[tuple[int, str]]:
@@ -157,5 +160,14 @@ class CheckpointManager:
         for _, name in self._steps():
             if kept >= self.keep:
                 self.storage.delete(name)
-            elif name in self._verified or not self.verify(name):
+            elif self._still_valid(name):
                 kept += 1
+
+    def _still_valid(self, name: str) -> bool:
+        # Verify each checkpoint once per process: a newer one that failed would otherwise be read
+        # in full again on every save.
+        if name not in self._verified and name not in self._failed:
+            problem = self.verify(name)
+            if problem:
+                self._failed[name] = problem
+        return name in self._verified
