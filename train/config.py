@@ -17,6 +17,7 @@ import sys
 import tomllib
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -198,14 +199,23 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def _from_dict(cls: type, raw: dict, prefix: str) -> Any:
+def _fields(cls: type) -> Iterator[tuple[dataclasses.Field, str, Any]]:
+    """(field, its CLI name - tyro aliases honoured, its type) for each field of one section."""
     hints = typing.get_type_hints(cls, include_extras=True)
-    known: dict[str, dataclasses.Field] = {}
     for f in dataclasses.fields(cls):
-        known[f.name] = f
-        for meta in getattr(hints[f.name], "__metadata__", ()):  # CLI aliases work in files too
-            if getattr(meta, "name", None):
-                known[meta.name] = f
+        hint = hints[f.name]
+        alias = next((m.name for m in getattr(hint, "__metadata__", ()) if getattr(m, "name", None)), None)
+        yield f, alias or f.name, typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+
+
+def _section(f: dataclasses.Field) -> type | None:
+    return f.default_factory if dataclasses.is_dataclass(f.default_factory) else None  # type: ignore[return-value]
+
+
+def _from_dict(cls: type, raw: dict, prefix: str) -> Any:
+    known: dict[str, tuple[dataclasses.Field, Any]] = {}
+    for f, name, kind in _fields(cls):
+        known[f.name] = known[name] = (f, kind)  # CLI aliases work in files too
     kwargs = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -213,15 +223,14 @@ def _from_dict(cls: type, raw: dict, prefix: str) -> Any:
             hint = difflib.get_close_matches(name, known, n=1)
             fix = f"did you mean {prefix}{hint[0]}?" if hint else f"valid keys: {', '.join(known)}"
             raise ConfigError(f"unknown config key {prefix}{key}; {fix}")
-        f = known[name]
-        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key {prefix}{key} must be a table/object of settings")
-            kwargs[f.name] = _from_dict(f.default_factory, value, prefix=f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        f, kind = known[name]
+        section = _section(f)
+        if section is None:
+            kwargs[f.name] = _check_type(value, kind, f"{prefix}{key}")
+        elif isinstance(value, dict):
+            kwargs[f.name] = _from_dict(section, value, prefix=f"{prefix}{f.name}.")
         else:
-            hint = hints[f.name]
-            base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
-            kwargs[f.name] = _check_type(value, base, f"{prefix}{key}")
+            raise ConfigError(f"config key {prefix}{key} must be a table/object of settings")
     return cls(**kwargs)
 
 
@@ -237,17 +246,12 @@ _TRUTHY = {"true": "True", "1": "True", "yes": "True", "false": "False", "0": "F
 def _flags(cls: type, prefix: str = "") -> dict[str, Any]:
     """CLI flag -> field type, for every leaf of the config tree."""
     out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        name = f.name
-        for meta in getattr(hint, "__metadata__", ()):
-            name = getattr(meta, "name", None) or name
-        if dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            out.update(_flags(f.default_factory, f"{prefix}{name}."))  # type: ignore[arg-type]
+    for f, name, kind in _fields(cls):
+        section = _section(f)
+        if section is not None:
+            out.update(_flags(section, f"{prefix}{name}."))
         else:
-            base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
-            out[f"--{prefix}{name}".replace("_", "-")] = base
+            out[f"--{prefix}{name}".replace("_", "-")] = kind
     return out
 
 

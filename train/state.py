@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from train import comm, rng
-from train.ckpt.manifest import deserialize
+from train.ckpt.codec import deserialize
 from train.errors import IncompatibleCheckpointError
 from train.sampler import GlobalSampler
 

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
 
 from train import config  # noqa: E402
 from train.ckpt.manager import CheckpointManager  # noqa: E402
-from train.ckpt.storage import LocalStorage  # noqa: E402
+from train.ckpt.storage import LocalStorage, fsync_path  # noqa: E402
 from train.ckpt.writer import CheckpointWriter  # noqa: E402
 from train.lm import lm_loss  # noqa: E402
 from train.model import GPT  # noqa: E402
@@ -90,14 +90,6 @@ def state_tensors(state: TrainState) -> list[torch.Tensor]:
     for per_param in state.optimizer.state.values():
         out += [t for t in per_param.values() if isinstance(t, torch.Tensor)]
     return out
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def drop_cache(files: list[Path]) -> None:
@@ -199,7 +191,7 @@ def main() -> None:
                 {"model": state.model.state_dict(), "optim": state.optimizer.state_dict()}, seed_file
             )
         )
-        fsync_file(seed_file)
+        fsync_path(seed_file)
         dcp_dir = work / f"dcp_{step}"
         box = {}
 

@@ -41,7 +41,8 @@ class Storage(Protocol):
     def location(self, name: str) -> str: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's entries: renames, creations)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -63,14 +64,14 @@ class _LocalPendingWrite:
             os.fsync(f.fileno())
 
     def commit(self) -> None:
-        _fsync_dir(self.tmp)
+        fsync_path(self.tmp)
         faults.point("ckpt.before_rename")
         final = self.root / self.name
         # rename() onto an existing non-empty directory fails on POSIX: a committed checkpoint is
         # never replaced by a commit.
         os.rename(self.tmp, final)
         faults.point("ckpt.after_rename")
-        _fsync_dir(self.root)
+        fsync_path(self.root)
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
