@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,25 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> loss; for a step logged twice (re-run after a resume) the last row wins."""
     return {r["step"]: r["loss"] for r in metrics_rows(run_dir) if r["kind"] == "train"}
+
+
+def start_torchrun(args: list[str], env: dict[str, str], extra: list[str]) -> subprocess.Popen:
+    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2", *extra, MAIN, *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.Popen(
+        cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").exists() and max(train_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"step {step} not reached in {timeout}s")
+
+
+def newest_checkpoint(run_dir: Path) -> int:
+    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if p.name[5:].isdigit()]
+    return max(steps)

@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from train import warmstart
 from train.config import Config
 from train.errors import PermanentError, RunDirError
 
@@ -79,7 +80,7 @@ def clear_exit(run_dir: str) -> None:
 def _torchrun_agent_pid() -> int | None:
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return None
-    ppid = os.getppid()
+    ppid = warmstart.agent_pid()
     try:
         cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:

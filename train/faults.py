@@ -40,6 +40,11 @@ def _parse(spec: str) -> list[dict[str, str]]:
 FAULTS = _parse(os.environ.get("FTJOB_FAULT", ""))
 
 
+def rearm() -> None:
+    """Read FTJOB_FAULT again: a warm-started trainer imported this module in another environment."""
+    FAULTS[:] = _parse(os.environ.get("FTJOB_FAULT", ""))
+
+
 def _matches(fault: dict[str, str], **ctx: int | str) -> bool:
     env = {
         "rank": os.environ.get("RANK", "0"),

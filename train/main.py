@@ -7,16 +7,22 @@ import os
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __name__ == "__main__":
+    if __package__ in (None, ""):  # run as a script: make the repository root importable
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from train import warmstart
+
+    warmstart.handoff()  # a restart: fork a ready trainer instead of importing torch (returns if none)
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from train import config, dist, failures
+from train import config, dist, failures, warmstart
 from train.errors import EXIT_PREEMPTED, PermanentError
 from train.metrics import setup_logging
 from train.trainer import train
+
+log = logging.getLogger("train")
 
 
 @record
@@ -25,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = None
     try:
         cfg = config.parse(argv)
+        warm_ms = os.environ.get(warmstart.WARM_ENV)
+        if warm_ms:
+            log.info("warm restart: trainer forked %s ms after the worker started", warm_ms)
+        else:
+            warmstart.start_zygote(cfg.dist.warm_restart)
         if os.environ.get("RANK", "0") == "0":  # only rank 0 writes there
             failures.check_run_dir(cfg.run_dir)
         run_dir = cfg.run_dir
@@ -33,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             # Before the first cuBLAS call; warn_only so a kernel without a deterministic variant
             # degrades bit-exactness with a warning instead of stopping the job.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            set_deterministic()
             # Filling every torch.empty() with NaN only catches reads of garbage (this job has
             # none) and costs ~3% of a CPU step.
             torch.utils.deterministic.fill_uninitialized_memory = False
@@ -49,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
         return failures.permanent(e, run_dir or failures.guess_run_dir(argv))
 
 
+def set_deterministic() -> None:
+    """torch.use_deterministic_algorithms(True, warn_only=True) without its ``import
+    torch._inductor`` (0.9 s of every start, restarts included), which it needs only to set a flag
+    for torch.compile - not used here. If inductor is loaded anyway, its flag is set too."""
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
+    inductor = sys.modules.get("torch._inductor.config")
+    if inductor is not None:
+        inductor.deterministic = True
+
+
 def exit_now(code: int) -> None:
     """Exit without Python's finalisation, which takes ~0.3-0.7 s with torch and gloo threads
     loaded: every restart waits for the old workers to be gone. Everything that matters (the
@@ -59,7 +80,7 @@ def exit_now(code: int) -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
     try:
         exit_code = main() or 0  # @record turns SystemExit(0), e.g. after --help, into None
     except SystemExit as e:
@@ -68,3 +89,7 @@ if __name__ == "__main__":
         sys.excepthook(*sys.exc_info())  # @record already wrote torchrun's error file
         exit_code = 1
     exit_now(exit_code)
+
+
+if __name__ == "__main__":
+    cli()

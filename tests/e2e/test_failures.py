@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,31 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MAIN, REPO, TORCHRUN, metrics_rows, run_torchrun, tiny_args, train_losses
+from conftest import (
+    MAIN,
+    REPO,
+    metrics_rows,
+    newest_checkpoint,
+    run_torchrun,
+    start_torchrun,
+    tiny_args,
+    train_losses,
+    wait_for_step,
+)
 
 STEPS = 40
-
-
-def start_torchrun(args: list[str], env: dict[str, str], extra: list[str]) -> subprocess.Popen:
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", "--monitor-interval=0.2", *extra, MAIN, *args]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    return subprocess.Popen(
-        cmd, env=full_env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and max(train_losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"step {step} not reached in {timeout}s")
-
-
-def newest_checkpoint(run_dir: Path) -> int:
-    steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if p.name[5:].isdigit()]
-    return max(steps)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])

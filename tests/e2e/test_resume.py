@@ -45,15 +45,19 @@ def reference(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
     return run_dir
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_sigkill_any_rank_resumes_bit_exact(reference: Path, corpus: Path, tmp_path: Path, rank: int) -> None:
+@pytest.mark.parametrize(("rank", "warm"), [(0, True), (1, True), (1, False)])
+def test_sigkill_any_rank_resumes_bit_exact(
+    reference: Path, corpus: Path, tmp_path: Path, rank: int, warm: bool
+) -> None:
     run_dir = tmp_path / "run"
     result = run_torchrun(
-        tiny_args(run_dir, corpus, max_steps=STEPS),
+        tiny_args(run_dir, corpus, max_steps=STEPS, dist__warm_restart=warm),
         max_restarts=2,
         env={"FTJOB_FAULT": f"crash:step=25:rank={rank}"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # Warm: both restarted trainers were forked from the zygote; cold: both imported torch anew.
+    assert result.stderr.count("warm restart: trainer forked") == (2 if warm else 0)
     assert "SIGKILL after step 25" in result.stderr
     assert "resumed from step 20" in result.stderr
     assert "5 completed step(s) lost, next step 21" in result.stderr
@@ -94,6 +98,7 @@ def test_three_kill_restart_cycles_reinitialise_every_time(
     assert result.returncode == 0, result.stderr[-3000:]
     # Four attempts, each with both ranks' process group up, no failed re-initialisation.
     assert result.stderr.count("process group up") == 8
+    assert result.stderr.count("warm restart: trainer forked") == 6  # every restart, both ranks
     assert "connectFullMesh" not in result.stderr
     restarts = {json.loads(x).get("restart") for x in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert {0, 1, 2, 3} <= restarts
