@@ -5,6 +5,8 @@ FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
   crash:step=50:rank=1        SIGKILL this rank right after it completes step 50
   hang:step=30:rank=0         stop making progress after step 30 (sleep forever)
   slow:rank=1:ms=200          sleep 200 ms after every step on rank 1
+  await_zygote:step=1         after step 1, wait (up to 120 s) until this node's warm-start zygote
+                              accepts workers, so that the next restart is surely a warm one
   kill:point=ckpt.before_rename:save_step=40
                               SIGKILL inside the checkpoint commit of step 40 at that point
                               (points: ckpt.file_written, ckpt.before_rename, ckpt.after_rename)
@@ -19,6 +21,8 @@ import logging
 import os
 import signal
 import time
+
+from train import warmstart
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +91,7 @@ def after_step(step: int) -> None:
                 time.sleep(3600)
         elif fault["kind"] == "slow":
             time.sleep(float(fault.get("ms", "100")) / 1000)
+        elif fault["kind"] == "await_zygote":  # so that a test's next restart is surely warm
+            deadline = time.monotonic() + 120
+            while not warmstart.listening(warmstart.agent_pid()) and time.monotonic() < deadline:
+                time.sleep(0.05)

@@ -61,6 +61,16 @@ def _address(agent: int) -> bytes:
     return f"\0ftjob-zygote-{os.getuid()}-{agent}-{_start_ticks(agent)}".encode()
 
 
+def listening(agent: int) -> bool:
+    """Whether a zygote for this agent accepts workers now (it refuses this caller, harmlessly)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(_address(agent))
+        except OSError:
+            return False
+    return True
+
+
 # -- the worker side -------------------------------------------------------------------------------
 def handoff() -> None:
     """Run this worker in a forked trainer if this agent has a zygote; return only if not."""

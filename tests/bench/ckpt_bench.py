@@ -20,7 +20,9 @@ Each round measures, back to back (so load drifts hit all of them alike):
   (1-rank gloo group; its future is waited on, untimed).
 A first round is a warm-up for every method and is not counted. Then P7 alternates resume loads
 (CheckpointManager.load_latest() + TrainState.restore) with plain reads of the same files, with the
-page cache warm and (posix_fadvise DONTNEED on those files first) cold. P8 compares the bytes on
+page cache warm and (posix_fadvise DONTNEED on those files first) cold; and, as a restarted job
+resumes, once per fresh process (``--fresh``: build the model and optimizer, then time one load, or
+one plain read, of the warm files), alternating. P8 compares the bytes on
 disk of one checkpoint with the tensors' bytes. Writes a JSON of every sample to ``--out``.
 """
 
@@ -31,6 +33,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -68,7 +71,8 @@ def model_config(mb: float, seq_len: int) -> config.ModelConfig:
     return config.ModelConfig(n_layer=n_layer, n_head=4, n_embd=n_embd, dropout=0.1)
 
 
-def build_state(mb: float) -> tuple[config.Config, TrainState]:
+def build_state(mb: float, stepped: bool = True) -> tuple[config.Config, TrainState]:
+    """``stepped``: after one optimizer step (AdamW state exists); else as a job starts."""
     cfg = config.Config()
     cfg.model = model_config(mb, cfg.data.seq_len)
     torch.manual_seed(cfg.seed)
@@ -76,6 +80,8 @@ def build_state(mb: float) -> tuple[config.Config, TrainState]:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.optim, cfg.max_steps))
     state = TrainState(model, optimizer, scheduler, GlobalSampler(100_000, cfg.seed))
+    if not stepped:
+        return cfg, state
     x = torch.randint(0, 256, (2, 33))
     lm_loss(model, (x[:, :-1], x[:, 1:])).backward()
     optimizer.step()
@@ -137,15 +143,51 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
+def fresh_sample(mb: float, root: Path, what: str) -> float:
+    """One resume as a restarted job does it, in this fresh process: the model and optimizer are
+    built (no optimizer state yet), then either load_latest() + restore() or a plain read of the
+    same files is timed. Both pay this process's first touch of the memory they fill."""
+    _, state = build_state(mb, stepped=False)
+    storage = LocalStorage(root)
+    files = sorted(f for f in Path(storage.location(storage.names()[-1])).iterdir() if f.is_file())
+    if what == "read":
+        return timed(lambda: [f.read_bytes() for f in files])
+
+    def load() -> None:
+        loaded = CheckpointManager(storage, keep=2).load_latest()
+        assert loaded is not None
+        state.restore(loaded.blobs, 0, 1)
+
+    return timed(load)
+
+
+def fresh_rounds(mb: float, root: Path, rounds: int) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {"load_fresh": [], "read_fresh": []}
+    for _ in range(rounds):
+        for what in ("load", "read"):
+            cmd = [sys.executable, __file__, "--mb", str(mb), "--fresh", str(root), "--what", what]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
+            out[f"{what}_fresh"].append(float(res.stdout.strip().splitlines()[-1]))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mb", type=float, required=True)
+    p.add_argument("--fresh", help="(internal) time one resume of the checkpoints under this dir")
+    p.add_argument("--what", choices=["load", "read"], default="load")
+    p.add_argument("--fresh-rounds", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--load-rounds", type=int, default=5)
     p.add_argument("--cold-rounds", type=int, default=2)
-    p.add_argument("--dir", required=True, help="scratch directory (deleted afterwards)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--dir", help="scratch directory (deleted afterwards)")
+    p.add_argument("--out")
     args = p.parse_args()
+    if args.fresh:
+        print(fresh_sample(args.mb, Path(args.fresh), args.what))
+        return
+    if not (args.dir and args.out):
+        p.error("--dir and --out are required")
 
     work = Path(args.dir)
     shutil.rmtree(work, ignore_errors=True)
@@ -238,6 +280,8 @@ def main() -> None:
         load_s["load_cold"].append(timed(load))
         drop_cache(files)
         load_s["read_cold"].append(timed(read))
+
+    load_s.update(fresh_rounds(args.mb, work / "async", args.fresh_rounds))
 
     dist.destroy_process_group()
     med = {k: statistics.median(v) for k, v in {**samples, **load_s}.items() if v}

@@ -11,11 +11,13 @@ Rows:
   T1  job overhead: steps/s of train/main.py / steps/s of tests/bench/bare_ddp.py (2 ranks, torchrun)
   P1  stall per checkpoint save / memcpy of the whole state (ours async; ours sync, torch.save and
       DCP async_save for reference), ~50 MB and ~500 MB of params + AdamW state (ckpt_bench.py)
-  P7  resume load (load_latest + restore) / plain read of the checkpoint's files
+  P7  resume load (load_latest + restore) / plain read of the checkpoint's files, each in a fresh
+      process as on a restart (target row), and repeated in one process (reference)
   P8  checkpoint bytes on disk / tensor bytes
   P2  steps/s with a checkpoint every 50 steps / steps/s without (async; sync for reference)
   P4  recovery after SIGKILL of a rank (kill -> first step completed after the restart), ours vs
-      tests/bench/seed_train.py (plain init_process_group + torch.save), same torchrun flags
+      tests/bench/seed_train.py (plain init_process_group + torch.save), same torchrun flags;
+      ours with warm restarts off for reference
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def bench_t1(pairs: int, steps: int) -> dict:
 
 
 # -- P1 / P7 / P8 ----------------------------------------------------------------------------------
-def bench_ckpt(mb: int, rounds: int, load_rounds: int, cold_rounds: int) -> dict:
+def bench_ckpt(mb: int, rounds: int, load_rounds: int, cold_rounds: int, fresh_rounds: int) -> dict:
     out = fresh(WORK / f"ckpt_{mb}.json")
     cmd = [
         sys.executable,
@@ -219,6 +221,8 @@ def bench_ckpt(mb: int, rounds: int, load_rounds: int, cold_rounds: int) -> dict
         load_rounds,
         "--cold-rounds",
         cold_rounds,
+        "--fresh-rounds",
+        fresh_rounds,
         "--dir",
         WORK / f"ckpt_{mb}",
         "--out",
@@ -298,8 +302,8 @@ def p4_trial(kind: str, i: int, timeout: float) -> dict:
     name = f"p4_{kind}_{i}"
     run_dir = fresh(WORK / name)
     flags = [*TORCHRUN, "--max-restarts=1"]
-    if kind == "ours":
-        args = job_args(run_dir, P4_STEPS, ckpt__interval=CKPT_EVERY)
+    if kind in ("ours", "ours_cold"):
+        args = job_args(run_dir, P4_STEPS, ckpt__interval=CKPT_EVERY, dist__warm_restart=kind == "ours")
         env = {"FTJOB_FAULT": f"crash:step={CRASH_STEP}:rank=1"}
         rc, timed_out = launch([*flags, MAIN, *args], name, timeout, env)
         rows = [r for r in jsonl(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
@@ -314,15 +318,16 @@ def p4_trial(kind: str, i: int, timeout: float) -> dict:
     took = recovery(rows)
     shutil.rmtree(run_dir, ignore_errors=True)
     if took is not None and rc == 0:
-        return {"ok": True, "recovery_s": took, "stop_s": stop_delay(name)}
+        warm = "warm restart: trainer forked" in (LOGS / f"{name}.log").read_text(errors="replace")
+        return {"ok": True, "recovery_s": took, "stop_s": stop_delay(name), "warm": warm}
     why = "timeout" if timed_out else f"exit {rc}"
     return {"ok": False, "why": f"{why}: {failure_reason(name)}", "stop_s": stop_delay(name)}
 
 
 def bench_p4(trials: int, timeout: float) -> dict:
-    res: dict[str, list[dict]] = {"ours": [], "seed": []}
+    res: dict[str, list[dict]] = {"ours": [], "seed": [], "ours_cold": []}
     for i in range(trials):
-        for kind in ("ours", "seed"):
+        for kind in res:
             r = p4_trial(kind, i, timeout)
             res[kind].append(r)
             say(f"P4 {kind} {i}: " + (f"{r['recovery_s']:.2f} s" if r["ok"] else f"FAILED ({r['why']})"))
@@ -402,8 +407,8 @@ def main() -> int:
     out = Path(args.out)
     plan = {
         "t1": (1, 30) if q else (3, 60),  # (pairs, steps)
-        # size in MB: (timed save rounds, warm load rounds, cold load rounds)
-        "ckpt": {50: (5, 3, 1), 500: (1, 1, 1)} if q else {50: (10, 5, 2), 500: (4, 3, 2)},
+        # size in MB: (timed save rounds, warm load rounds, cold load rounds, fresh-process loads)
+        "ckpt": {50: (5, 3, 1, 3), 500: (1, 1, 1, 1)} if q else {50: (10, 5, 2, 5), 500: (4, 3, 2, 3)},
         "p2": (1, 60) if q else (2, 110),  # (reps, steps): saves at 50 (quick), 50 and 100 (full)
         "p4": (3, 60.0) if q else (5, 90.0),  # (trials per side, timeout per trial)
     }
@@ -445,8 +450,8 @@ def main() -> int:
         )
 
     def ckpt() -> None:
-        for mb, (rounds, load_rounds, cold_rounds) in plan["ckpt"].items():
-            r = raw[f"ckpt_{mb}"] = bench_ckpt(mb, rounds, load_rounds, cold_rounds)
+        for mb, rounds in plan["ckpt"].items():
+            r = raw[f"ckpt_{mb}"] = bench_ckpt(mb, *rounds)
             med, size = r["median"], f"{r['tensor_bytes'] / 1e6:.0f} MB"
             memcpy = med["memcpy"]
             for key, label, target in (
@@ -468,11 +473,19 @@ def main() -> int:
                 )
             table.add(
                 "P7",
-                f"resume load / plain read, {size}, page cache warm",
+                f"resume load / plain read, {size}, in a fresh process as on a restart, page cache warm",
+                fmt_ms(med["load_fresh"]),
+                fmt_ms(med["read_fresh"]),
+                med["load_fresh"] / med["read_fresh"],
+                "<= 1.2x",
+            )
+            table.add(
+                "P7",
+                f"resume load / plain read, {size}, repeated in one process, page cache warm",
                 fmt_ms(med["load"]),
                 fmt_ms(med["read"]),
                 med["load"] / med["read"],
-                "<= 1.2x",
+                "ref 0",
             )
             if "load_cold" in med:
                 table.add(
@@ -546,6 +559,17 @@ def main() -> int:
             med["ours"] / med["seed"] if med["ours"] is not None and med["seed"] is not None else None,
             "<= 0.6x",
         )
+        if med["ours_cold"] is not None and med["seed"] is not None:
+            table.add(
+                "P4",
+                f"the same, ours with --dist.warm-restart false (ok {len(ok['ours_cold'])}/{n})",
+                f"{med['ours_cold']:.2f} s",
+                f"{med['seed']:.2f} s",
+                med["ours_cold"] / med["seed"],
+                "ref 0",
+            )
+        warm = sum(bool(t.get("warm")) for t in r["ours"])
+        notes.append(f"P4 ours: {warm} of {len(ok['ours'])} successful restarts were warm (zygote fork).")
         stops = {k: [t["stop_s"] for t in r[k] if t.get("stop_s") is not None] for k in r}
         if stops["ours"] and stops["seed"]:
             notes.append(
@@ -553,7 +577,7 @@ def main() -> int:
                 f"(from torchrun's log), median: ours {statistics.median(stops['ours']):.2f} s, "
                 f"seed {statistics.median(stops['seed']):.2f} s."
             )
-        for kind in ("ours", "seed"):
+        for kind in r:
             reasons: dict[str, int] = {}
             for why in failed[kind]:
                 key = re.sub(r"\d+", "N", why)[:240]

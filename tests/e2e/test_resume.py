@@ -53,7 +53,7 @@ def test_sigkill_any_rank_resumes_bit_exact(
     result = run_torchrun(
         tiny_args(run_dir, corpus, max_steps=STEPS, dist__warm_restart=warm),
         max_restarts=2,
-        env={"FTJOB_FAULT": f"crash:step=25:rank={rank}"},
+        env={"FTJOB_FAULT": ("await_zygote:step=1;" if warm else "") + f"crash:step=25:rank={rank}"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Warm: both restarted trainers were forked from the zygote; cold: both imported torch anew.
@@ -91,7 +91,8 @@ def test_three_kill_restart_cycles_reinitialise_every_time(
     reference: Path, corpus: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    faults = "crash:step=12:rank=1:restart=0;crash:step=24:rank=0:restart=1;crash:step=33:rank=1:restart=2"
+    faults = "await_zygote:step=1;crash:step=12:rank=1;crash:step=24:rank=0:restart=1;"
+    faults += "crash:step=33:rank=1:restart=2"
     result = run_torchrun(
         tiny_args(run_dir, corpus, max_steps=STEPS), max_restarts=3, env={"FTJOB_FAULT": faults}
     )

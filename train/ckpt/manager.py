@@ -68,11 +68,13 @@ class CheckpointManager:
         manifest = self._manifest(name)
         blobs = {}
         for file in manifest["files"]:
+            hashing = mf.BackgroundChecksum()
             try:
-                data = self.storage.read(name, file)
+                data = self.storage.read(name, file, on_chunk=hashing.feed)
             except FileNotFoundError:
+                hashing.digest_of(b"")  # stops its thread
                 raise mf.Problem(f"{file} is missing") from None
-            mf.check_file(manifest, file, data)
+            mf.check_file(manifest, file, data, hashing)
             blobs[file] = data
         self._verified.add(name)
         return manifest, blobs

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,7 @@ import numpy as np
 from train import faults
 
 TMP_PREFIX = ".tmp-"
+READ_CHUNK = 4 << 20
 INVALID_TAG = ".invalid-"
 
 
@@ -33,7 +35,9 @@ class PendingWrite(Protocol):
 class Storage(Protocol):
     def names(self) -> list[str]: ...
     def begin(self, name: str) -> PendingWrite: ...
-    def read(self, name: str, file: str) -> bytes | memoryview: ...
+    def read(
+        self, name: str, file: str, on_chunk: Callable[[memoryview], object] | None = None
+    ) -> bytes | memoryview: ...
     def size(self, name: str, file: str) -> int | None: ...
     def delete(self, name: str) -> None: ...
     def set_aside(self, name: str) -> str: ...
@@ -95,18 +99,24 @@ class LocalStorage:
         self.root.mkdir(parents=True, exist_ok=True)
         return _LocalPendingWrite(self.root, name)
 
-    def read(self, name: str, file: str) -> memoryview:
+    def read(
+        self, name: str, file: str, on_chunk: Callable[[memoryview], object] | None = None
+    ) -> memoryview:
+        """The whole file. ``on_chunk`` sees each piece as soon as it is read (in order), so a
+        checksum can run alongside the rest of the read."""
         # Into uninitialised, writable memory: the fastest read, and loaded tensors can be views
         # of it instead of copies.
         with open(self.root / name / file, "rb", buffering=0) as f:
-            data = np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8)
+            view = memoryview(np.empty(os.fstat(f.fileno()).st_size, dtype=np.uint8))
             got = 0
-            while got < len(data):
-                n = f.readinto(data[got:])
+            while got < len(view):
+                n = f.readinto(view[got : got + READ_CHUNK])
                 if not n:
                     break
+                if on_chunk is not None:
+                    on_chunk(view[got : got + n])
                 got += n
-        return memoryview(data[:got])
+        return view[:got]
 
     def size(self, name: str, file: str) -> int | None:
         try:
