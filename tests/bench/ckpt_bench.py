@@ -22,7 +22,7 @@ A first round is a warm-up for every method and is not counted. Then P7 alternat
 (CheckpointManager.load_latest() + TrainState.restore) with plain reads of the same files, with the
 page cache warm and (posix_fadvise DONTNEED on those files first) cold; and, as a restarted job
 resumes, once per fresh process (``--fresh``: build the model and optimizer, then time one load, or
-one plain read, of the warm files), alternating. P8 compares the bytes on
+one plain read, or the bare readinto our load uses, of the warm files), alternating. P8 compares the bytes on
 disk of one checkpoint with the tensors' bytes. Writes a JSON of every sample to ``--out``.
 """
 
@@ -152,6 +152,8 @@ def fresh_sample(mb: float, root: Path, what: str) -> float:
     files = sorted(f for f in Path(storage.location(storage.names()[-1])).iterdir() if f.is_file())
     if what == "read":
         return timed(lambda: [f.read_bytes() for f in files])
+    if what == "readinto":  # the read our load does, alone: no checksum, no restore
+        return timed(lambda: [storage.read(f.parent.name, f.name) for f in files])
 
     def load() -> None:
         loaded = CheckpointManager(storage, keep=2).load_latest()
@@ -162,9 +164,9 @@ def fresh_sample(mb: float, root: Path, what: str) -> float:
 
 
 def fresh_rounds(mb: float, root: Path, rounds: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"load_fresh": [], "read_fresh": []}
+    out: dict[str, list[float]] = {"load_fresh": [], "read_fresh": [], "readinto_fresh": []}
     for _ in range(rounds):
-        for what in ("load", "read"):
+        for what in ("load", "read", "readinto"):
             cmd = [sys.executable, __file__, "--mb", str(mb), "--fresh", str(root), "--what", what]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300)
             out[f"{what}_fresh"].append(float(res.stdout.strip().splitlines()[-1]))
@@ -175,7 +177,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--mb", type=float, required=True)
     p.add_argument("--fresh", help="(internal) time one resume of the checkpoints under this dir")
-    p.add_argument("--what", choices=["load", "read"], default="load")
+    p.add_argument("--what", choices=["load", "read", "readinto"], default="load")
     p.add_argument("--fresh-rounds", type=int, default=5)
     p.add_argument("--rounds", type=int, default=5, help="timed rounds (after one warm-up round)")
     p.add_argument("--load-rounds", type=int, default=5)

@@ -481,6 +481,15 @@ def main() -> int:
             )
             table.add(
                 "P7",
+                f"resume load / our bare read (readinto numpy, no checksum, no restore), {size}, "
+                "fresh process, warm",
+                fmt_ms(med["load_fresh"]),
+                fmt_ms(med["readinto_fresh"]),
+                med["load_fresh"] / med["readinto_fresh"],
+                "ref 0",
+            )
+            table.add(
+                "P7",
                 f"resume load / plain read, {size}, repeated in one process, page cache warm",
                 fmt_ms(med["load"]),
                 fmt_ms(med["read"]),

@@ -17,8 +17,9 @@ NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
 ARGS=(--max-steps 60 --ckpt.interval 20 --eval-interval 0 --sample-bytes 0 --model.n-embd 256)
 TR=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
 "${TR[@]}" train/main.py --run-dir "$OUT/ref" "${ARGS[@]}" 2>&1 | grep -E "process group up|done|error" || true
-FTJOB_FAULT="crash:step=50:rank=0" "${TR[@]}" --max-restarts 1 train/main.py --run-dir "$OUT/crash" "${ARGS[@]}" \
-  2>&1 | grep -E "process group up|resumed|done|error" || true
+# await_zygote: the restart is a warm one (a trainer forked from the zygote, CUDA first used there).
+FTJOB_FAULT="await_zygote:step=1;crash:step=50:rank=0" "${TR[@]}" --max-restarts 1 train/main.py \
+  --run-dir "$OUT/crash" "${ARGS[@]}" 2>&1 | grep -E "process group up|warm restart|resumed|done|error" || true
 python3 - "$OUT" <<'PY'
 import json, sys, torch, safetensors.torch as st
 out = sys.argv[1]
