@@ -34,7 +34,10 @@ def test_twenty_kill_restart_cycles_without_a_failed_reinit(corpus: Path, tmp_pa
 
     run_dir = tmp_path / "chaos"
     # Restart k kills rank k % 2 three steps after it resumed, alternating ranks, 20 times.
-    faults = ";".join(f"crash:step={3 * k + 3}:rank={k % 2}:restart={k}" for k in range(CYCLES))
+    # await_zygote: the first crash waits until the warm-start zygote is ready, so every restart
+    # is a warm one (trainers forked from it), 20 times over.
+    faults = "await_zygote:step=1;"
+    faults += ";".join(f"crash:step={3 * k + 3}:rank={k % 2}:restart={k}" for k in range(CYCLES))
     result = run_torchrun(
         tiny_args(run_dir, corpus, **args),
         max_restarts=CYCLES,
@@ -45,11 +48,12 @@ def test_twenty_kill_restart_cycles_without_a_failed_reinit(corpus: Path, tmp_pa
     attempts = CYCLES + 1
     assert result.stderr.count("process group up") == 2 * attempts, "a re-initialisation failed"
     assert "connectFullMesh" not in result.stderr
+    assert result.stderr.count("warm restart: trainer forked") == 2 * CYCLES
     times = recovery_times(run_dir)
     assert len(times) == CYCLES
     print(
         f"\nrecovery kill->first step after resume: median {statistics.median(times):.2f}s, "
-        f"max {max(times):.2f}s over {CYCLES} restarts; 0 failed re-initialisations"
+        f"max {max(times):.2f}s over {CYCLES} warm restarts; 0 failed re-initialisations"
     )
 
     assert train_losses(run_dir) == train_losses(reference)
