@@ -41,7 +41,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 chaos: setup
-	$(PY) -m pytest -q -m chaos tests/chaos
+	$(PY) -m pytest -q -s -m chaos tests/chaos
 
 bench: setup
 	$(PY) tests/bench/run.py

@@ -271,13 +271,32 @@ def bench_p2(reps: int, steps: int) -> dict:
 
 # -- P4 --------------------------------------------------------------------------------------------
 CRASH_STEP, CKPT_EVERY, P4_STEPS = 7, 5, 8
+# A restart budget, as real jobs have: an attempt that fails to re-initialise costs a restart and
+# its time counts in the recovery, as it does for a user.
+P4_RESTARTS = 3
+
+
+def kill_time(rows: list[dict]) -> float | None:
+    kill = [r["time"] for r in rows if r.get("step") == CRASH_STEP and r.get("restart") == 0]
+    return kill[0] if kill else None
 
 
 def recovery(rows: list[dict]) -> float | None:
     """Seconds from the kill (the crash step's row, first attempt) to the first row after restart."""
-    kill = [r["time"] for r in rows if r.get("step") == CRASH_STEP and r.get("restart") == 0]
+    kill = kill_time(rows)
     after = [r["time"] for r in rows if r.get("restart", 0) >= 1]
-    return min(after) - kill[0] if kill and after else None
+    return min(after) - kill if kill is not None and after else None
+
+
+def censored_median(trials: list[dict]) -> tuple[float, bool] | None:
+    """Median recovery over all trials; a trial that never recovered counts as at least the time
+    from its kill to its end (a lower bound). Returns (value, whether it is such a bound)."""
+    values = sorted(
+        (t["recovery_s"], False) if t["ok"] else (t["lower_s"], True)
+        for t in trials
+        if t["ok"] or t.get("lower_s") is not None
+    )
+    return values[(len(values) - 1) // 2] if values else None
 
 
 _AGENT_LINE = re.compile(r"^[IWE]\d{4} (\d\d):(\d\d):(\d\d\.\d+) ")
@@ -301,7 +320,7 @@ def stop_delay(name: str) -> float | None:
 def p4_trial(kind: str, i: int, timeout: float) -> dict:
     name = f"p4_{kind}_{i}"
     run_dir = fresh(WORK / name)
-    flags = [*TORCHRUN, "--max-restarts=1"]
+    flags = [*TORCHRUN, f"--max-restarts={P4_RESTARTS}"]
     if kind in ("ours", "ours_cold"):
         args = job_args(run_dir, P4_STEPS, ckpt__interval=CKPT_EVERY, dist__warm_restart=kind == "ours")
         env = {"FTJOB_FAULT": f"crash:step={CRASH_STEP}:rank=1"}
@@ -315,13 +334,26 @@ def p4_trial(kind: str, i: int, timeout: float) -> dict:
         args += ["--crash-step", CRASH_STEP, "--crash-rank", 1]
         rc, timed_out = launch([*flags, BENCH / "seed_train.py", *args], name, timeout)
         rows = jsonl(log)
-    took = recovery(rows)
+    took, end, kill = recovery(rows), time.time(), kill_time(rows)
     shutil.rmtree(run_dir, ignore_errors=True)
     if took is not None and rc == 0:
         warm = "warm restart: trainer forked" in (LOGS / f"{name}.log").read_text(errors="replace")
-        return {"ok": True, "recovery_s": took, "stop_s": stop_delay(name), "warm": warm}
+        restarts = max(r.get("restart", 0) for r in rows)  # >1: a restart failed to re-initialise
+        return {
+            "ok": True,
+            "recovery_s": took,
+            "stop_s": stop_delay(name),
+            "warm": warm,
+            "restarts": restarts,
+        }
     why = "timeout" if timed_out else f"exit {rc}"
-    return {"ok": False, "why": f"{why}: {failure_reason(name)}", "stop_s": stop_delay(name)}
+    lower = end - kill if kill is not None else None
+    return {
+        "ok": False,
+        "why": f"{why}: {failure_reason(name)}",
+        "stop_s": stop_delay(name),
+        "lower_s": lower,
+    }
 
 
 def bench_p4(trials: int, timeout: float) -> dict:
@@ -330,7 +362,8 @@ def bench_p4(trials: int, timeout: float) -> dict:
         for kind in res:
             r = p4_trial(kind, i, timeout)
             res[kind].append(r)
-            say(f"P4 {kind} {i}: " + (f"{r['recovery_s']:.2f} s" if r["ok"] else f"FAILED ({r['why']})"))
+            took = f"{r['recovery_s']:.2f} s, {r['restarts']} restart(s)" if r["ok"] else None
+            say(f"P4 {kind} {i}: " + (took or f"FAILED ({r['why']})"))
     return res
 
 
@@ -410,7 +443,7 @@ def main() -> int:
         # size in MB: (timed save rounds, warm load rounds, cold load rounds, fresh-process loads)
         "ckpt": {50: (5, 3, 1, 3), 500: (1, 1, 1, 1)} if q else {50: (10, 5, 2, 5), 500: (4, 3, 2, 3)},
         "p2": (1, 60) if q else (2, 110),  # (reps, steps): saves at 50 (quick), 50 and 100 (full)
-        "p4": (3, 60.0) if q else (5, 90.0),  # (trials per side, timeout per trial)
+        "p4": (3, 40.0) if q else (5, 40.0),  # (trials per side, timeout per trial; a good one ~8 s)
     }
     header = [f"## ftjob benchmarks ({'quick' if q else 'full'} mode)", "", *machine()]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -558,23 +591,42 @@ def main() -> int:
         ok = {k: [t["recovery_s"] for t in r[k] if t["ok"]] for k in r}
         med = {k: statistics.median(v) if v else None for k, v in ok.items()}
         failed = {k: [t["why"] for t in r[k] if not t["ok"]] for k in r}
+        retried = {k: sum(t["ok"] and t["restarts"] > 1 for t in r[k]) for k in r}
+        cm = {k: censored_median(r[k]) for k in r}
+
+        def shown(k: str) -> str:
+            return "n/a" if cm[k] is None else f"{'>= ' if cm[k][1] else ''}{cm[k][0]:.2f} s"
+
         table.add(
             "P4",
-            "recovery after SIGKILL of rank 1: kill -> first step completed after the restart "
-            f"(median of successes; ours ok {len(ok['ours'])}/{n}, seed ok {len(ok['seed'])}/{n}, "
-            f"seed failed to re-initialise {len(failed['seed'])}/{n})",
-            f"{med['ours']:.2f} s" if med["ours"] is not None else "no success",
-            f"{med['seed']:.2f} s" if med["seed"] is not None else "no success",
-            med["ours"] / med["seed"] if med["ours"] is not None and med["seed"] is not None else None,
+            "recovery after SIGKILL of rank 1: kill -> first step completed after the restart(s), "
+            f"torchrun --max-restarts={P4_RESTARTS}, median of all trials, a trial that never "
+            "recovered counted as at least its kill -> end of trial (ours recovered "
+            f"{len(ok['ours'])}/{n}, {retried['ours']} needing more than one restart; seed recovered "
+            f"{len(ok['seed'])}/{n}, {retried['seed']} needing more than one restart)",
+            shown("ours"),
+            shown("seed"),
+            cm["ours"][0] / cm["seed"][0] if cm["ours"] and cm["seed"] and not cm["ours"][1] else None,
             "<= 0.6x",
         )
-        if med["ours_cold"] is not None and med["seed"] is not None:
+        first = [t["recovery_s"] for t in r["seed"] if t["ok"] and t["restarts"] == 1]
+        if first and med["ours"] is not None:
             table.add(
                 "P4",
-                f"the same, ours with --dist.warm-restart false (ok {len(ok['ours_cold'])}/{n})",
+                f"the same, seed counted only where its first restart re-initialised ({len(first)}/{n})",
+                f"{med['ours']:.2f} s",
+                f"{statistics.median(first):.2f} s",
+                med["ours"] / statistics.median(first),
+                "ref 0",
+            )
+        if med["ours_cold"] is not None and first:
+            table.add(
+                "P4",
+                f"the same, ours with --dist.warm-restart false (recovered {len(ok['ours_cold'])}/{n}) "
+                "vs the seed's first-restart successes",
                 f"{med['ours_cold']:.2f} s",
-                f"{med['seed']:.2f} s",
-                med["ours_cold"] / med["seed"],
+                f"{statistics.median(first):.2f} s",
+                med["ours_cold"] / statistics.median(first),
                 "ref 0",
             )
         warm = sum(bool(t.get("warm")) for t in r["ours"])
@@ -605,7 +657,8 @@ def main() -> int:
         "per round, median over rounds; steps/s: after a warm-up of "
         f"{WARMUP_STEPS} steps, from step-completion wall times, median over runs.",
         f"P2: GPT {P2_MODEL}, global batch {P2_BATCH}, 2 ranks. P4: default GPT, checkpoint every "
-        f"{CKPT_EVERY} steps, rank 1 SIGKILLed after step {CRASH_STEP}, torchrun --max-restarts=1.",
+        f"{CKPT_EVERY} steps, rank 1 SIGKILLed after step {CRASH_STEP}, "
+        f"torchrun --max-restarts={P4_RESTARTS}.",
         *notes,
     ]
     text = "\n".join([*header, "", table.markdown(), "", *(f"- {n}" for n in notes)]) + "\n"
