@@ -77,20 +77,9 @@ def clear_exit(run_dir: str) -> None:
         Path(run_dir, STATUS_FILE).unlink(missing_ok=True)
 
 
-def _torchrun_agent_pid() -> int | None:
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return None
-    ppid = warmstart.agent_pid()
-    try:
-        cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return None
-    return ppid if ("torchrun" in cmdline or "torch.distributed.run" in cmdline) else None
-
-
 def permanent(error: PermanentError, run_dir: str | None) -> int:
     code = error.exit_code
-    agent = _torchrun_agent_pid() if _is_local_leader() else None
+    agent = warmstart.torchrun_agent() if _is_local_leader() else None
     action = f"; stopping torchrun (pid {agent}) so it does not restart" if agent else ""
     print(
         f"error: {error} [exit {code}: permanent, restarting will not help{action}]",

@@ -48,6 +48,19 @@ def agent_pid() -> int:
     return int(os.environ.get(AGENT_PID_ENV) or os.getppid())
 
 
+def torchrun_agent() -> int | None:
+    """agent_pid() if this worker really is a torchrun worker (not, e.g., started by a wrapper
+    script that torchrun runs, or by plain python)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent = agent_pid()
+    try:
+        cmdline = Path(f"/proc/{agent}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    return agent if ("torchrun" in cmdline or "torch.distributed.run" in cmdline) else None
+
+
 def _stat(pid: int) -> list[str]:
     """/proc/PID/stat from field 3 on (after the parenthesised command name, which may hold spaces)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -133,12 +146,15 @@ def _stand_in(trainer: int, sock: socket.socket, replies) -> None:
 # -- starting a zygote -----------------------------------------------------------------------------
 def start_zygote(enabled: bool) -> None:
     """From a cold worker: give this worker's agent a zygote for its next restart, if useful."""
-    if not (enabled and supported() and "TORCHELASTIC_RUN_ID" in os.environ):
+    if not (enabled and supported()):
         return
     if os.environ.get("LOCAL_RANK", "0") != "0" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1:
         return  # one per agent; and without restarts there is nothing to warm
+    agent = torchrun_agent()
+    if agent is None:
+        return  # a zygote would be keyed to a wrapper process that dies with every attempt
     subprocess.Popen(
-        [sys.executable, "-u", __file__, str(os.getppid())],
+        [sys.executable, "-u", __file__, str(agent)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
