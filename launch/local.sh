@@ -12,6 +12,9 @@
 #   RDZV_ENDPOINT    host:port of the rendezvous; the node whose address it is hosts it
 #   RDZV_ID          rendezvous id, the same on every node of one job (default: ftjob)
 #   RDZV_RESOLVE_WAIT_S  wait up to this long for the rendezvous host's name to resolve (default 300)
+#   RDZV_CONF        torchrun --rdzv-conf (default: keep_alive_interval=1,keep_alive_max_attempt=3,
+#                    so a lost node is declared dead after ~3 s instead of torchrun's 15 s; measured
+#                    node loss 2 -> 1 ranks, kill -> first step: 5.5 s instead of 17.5 s)
 #   TORCHRUN_ARGS    extra torchrun options, separated by spaces (e.g. "--monitor-interval=0.5")
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save after a stop signal
 #                    before it kills them (default here 90; torchrun's own default is 30)
@@ -46,7 +49,8 @@ if [[ $nnodes == 1 && -z ${RDZV_ENDPOINT:-} ]]; then
     rdzv=(--standalone)
 else
     endpoint=${RDZV_ENDPOINT:?"multi-node (NNODES=$nnodes) needs RDZV_ENDPOINT=host:port"}
-    rdzv=(--nnodes="$nnodes" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-ftjob}")
+    rdzv=(--nnodes="$nnodes" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-ftjob}"
+        --rdzv-conf="${RDZV_CONF:-keep_alive_interval=1,keep_alive_max_attempt=3}")
     # A pod's DNS name appears a little after the pod starts; torchrun fails at once without it.
     host=${endpoint%:*}
     if command -v getent >/dev/null; then

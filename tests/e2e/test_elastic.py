@@ -26,7 +26,9 @@ def agent(args: list[str], port: int, env: dict[str, str]) -> subprocess.Popen:
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{port}",
         "--rdzv-id=elastic-test",
-        "--rdzv-conf=join_timeout=60,last_call_timeout=2,close_timeout=5",
+        # keep_alive_*: as launch/local.sh sets them (a lost node is declared dead after ~3 s).
+        "--rdzv-conf=join_timeout=60,last_call_timeout=2,close_timeout=5,"
+        "keep_alive_interval=1,keep_alive_max_attempt=3",
         "--monitor-interval=0.2",
         "--max-restarts=3",
         MAIN,
@@ -46,7 +48,8 @@ def agent(args: list[str], port: int, env: dict[str, str]) -> subprocess.Popen:
 def test_losing_a_node_continues_at_the_smaller_world_size(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, corpus, max_steps=40, ckpt__interval=5)
-    env = {"FTJOB_FAULT": "slow:ms=60:restart=any"}  # timing only: the kill lands mid-run
+    # slow: timing only, the kill lands mid-run; await_zygote: the survivor's restart is a warm one.
+    env = {"FTJOB_FAULT": "await_zygote:step=1;slow:ms=60:restart=any"}
     port = free_port()
     survivor, victim = agent(args, port, env), None
     try:
@@ -58,6 +61,7 @@ def test_losing_a_node_continues_at_the_smaller_world_size(corpus: Path, tmp_pat
             time.sleep(0.1)
         for pid in process_tree(victim.pid):  # the node is gone: agent and worker at once
             os.kill(pid, signal.SIGKILL)
+        killed = time.time()
         output, _ = survivor.communicate(timeout=180)
     finally:
         for p in (survivor, victim):
@@ -68,6 +72,9 @@ def test_losing_a_node_continues_at_the_smaller_world_size(corpus: Path, tmp_pat
     rows = metrics_rows(run_dir)
     sizes = [r["world_size"] for r in rows if r["kind"] == "train"]
     assert sizes[0] == 2 and sizes[-1] == 1
+    assert "warm restart: trainer forked" in output
+    first_alone = min(r["time"] for r in rows if r["kind"] == "train" and r["world_size"] == 1)
+    print(f"\nnode loss: kill -> first step at world size 1 in {first_alone - killed:.1f} s")
     assert sorted(train_losses(run_dir)) == list(range(1, 41))
     resumes = [r for r in rows if r["kind"] == "resume"]
     assert resumes and resumes[-1]["step"] % 5 == 0

@@ -208,13 +208,16 @@ def test_local_sh_multi_node_uses_c10d_rendezvous(tmp_path: Path) -> None:
     env = {"NNODES": "2", "RDZV_ENDPOINT": "localhost:29999", "RDZV_ID": "job7"}
     code, args = run_local_sh_fake(tmp_path, "ok", **env)
     assert code == 0
-    assert args[:4] == [
+    assert args[:5] == [
         "--nnodes=2",
         "--rdzv-backend=c10d",
         "--rdzv-endpoint=localhost:29999",
         "--rdzv-id=job7",
+        "--rdzv-conf=keep_alive_interval=1,keep_alive_max_attempt=3",  # a lost node: ~3 s, not 15 s
     ]
     assert "--standalone" not in args
+    _, args = run_local_sh_fake(tmp_path, "ok", **env, RDZV_CONF="keep_alive_interval=5")
+    assert "--rdzv-conf=keep_alive_interval=5" in args
 
 
 def test_local_sh_exits_with_the_jobs_code_not_torchruns(tmp_path: Path) -> None:
