@@ -41,12 +41,16 @@ def _parse(spec: str) -> list[dict[str, str]]:
     return faults
 
 
-FAULTS = _parse(os.environ.get("FTJOB_FAULT", ""))
+_faults: list[dict[str, str]] | None = None
 
 
-def rearm() -> None:
-    """Read FTJOB_FAULT again: a warm-started trainer imported this module in another environment."""
-    FAULTS[:] = _parse(os.environ.get("FTJOB_FAULT", ""))
+def _active() -> list[dict[str, str]]:
+    """FTJOB_FAULT, parsed at first use, not at import: a warm-started trainer was imported by the
+    zygote, in another environment."""
+    global _faults
+    if _faults is None:
+        _faults = _parse(os.environ.get("FTJOB_FAULT", ""))
+    return _faults
 
 
 def _matches(fault: dict[str, str], **ctx: int | str) -> bool:
@@ -74,13 +78,13 @@ def set_context(**ctx: int) -> None:
 
 
 def point(name: str) -> None:
-    for fault in FAULTS:
+    for fault in _active():
         if fault["kind"] == "kill" and _matches(fault, point=name):
             _kill(f"at {name}")
 
 
 def after_step(step: int) -> None:
-    for fault in FAULTS:
+    for fault in _active():
         if not _matches(fault, step=step):
             continue
         if fault["kind"] == "crash":

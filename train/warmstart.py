@@ -159,7 +159,6 @@ def start_zygote(enabled: bool) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # out of the worker's process group, which torchrun kills
-        close_fds=True,
     )
 
 
@@ -260,10 +259,8 @@ def _run_trainer(request: dict, fds: list[int], worker_fd: int) -> None:
 
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read at import, in the zygote's env
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from train import faults
     from train.main import cli
 
-    faults.rearm()
     cli()
 
 

@@ -504,40 +504,31 @@ def main() -> int:
                     med[key] / memcpy,
                     target,
                 )
-            table.add(
-                "P7",
-                f"resume load / plain read, {size}, in a fresh process as on a restart, page cache warm",
-                fmt_ms(med["load_fresh"]),
-                fmt_ms(med["read_fresh"]),
-                med["load_fresh"] / med["read_fresh"],
-                "<= 1.2x",
-            )
-            table.add(
-                "P7",
-                f"resume load / our bare read (readinto numpy, no checksum, no restore), {size}, "
-                "fresh process, warm",
-                fmt_ms(med["load_fresh"]),
-                fmt_ms(med["readinto_fresh"]),
-                med["load_fresh"] / med["readinto_fresh"],
-                "ref 0",
-            )
-            table.add(
-                "P7",
-                f"resume load / plain read, {size}, repeated in one process, page cache warm",
-                fmt_ms(med["load"]),
-                fmt_ms(med["read"]),
-                med["load"] / med["read"],
-                "ref 0",
-            )
-            if "load_cold" in med:
-                table.add(
-                    "P7",
-                    f"resume load / plain read, {size}, cold (fadvise DONTNEED)",
-                    fmt_ms(med["load_cold"]),
-                    fmt_ms(med["read_cold"]),
-                    med["load_cold"] / med["read_cold"],
+            for label, load, read, target in (
+                (
+                    "plain read, {}, in a fresh process as on a restart, page cache warm",
+                    "load_fresh",
+                    "read_fresh",
+                    "<= 1.2x",
+                ),
+                (
+                    "our bare read (readinto numpy, no checksum, no restore), {}, fresh process, warm",
+                    "load_fresh",
+                    "readinto_fresh",
                     "ref 0",
-                )
+                ),
+                ("plain read, {}, repeated in one process, page cache warm", "load", "read", "ref 0"),
+                ("plain read, {}, cold (fadvise DONTNEED)", "load_cold", "read_cold", "ref 0"),
+            ):
+                if load in med and read in med:
+                    table.add(
+                        "P7",
+                        "resume load / " + label.format(size),
+                        fmt_ms(med[load]),
+                        fmt_ms(med[read]),
+                        med[load] / med[read],
+                        target,
+                    )
             table.add(
                 "P8",
                 f"checkpoint bytes / tensor bytes, {size}",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import run_torchrun, tiny_args, train_losses
+from conftest import metrics_rows, run_torchrun, tiny_args, train_losses
 
 from train.ckpt.manifest import deserialize
 
@@ -62,8 +62,7 @@ def test_sigkill_any_rank_resumes_bit_exact(
     assert "resumed from step 20" in result.stderr
     assert "5 completed step(s) lost, next step 21" in result.stderr
     assert_same_run(reference, run_dir)
-    resume_rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    resume_rows = [r for r in resume_rows if r["kind"] == "resume"]
+    resume_rows = [r for r in metrics_rows(run_dir) if r["kind"] == "resume"]
     assert [(r["step"], r["lost_steps"]) for r in resume_rows] == [(20, 5)]
 
 
@@ -101,7 +100,7 @@ def test_three_kill_restart_cycles_reinitialise_every_time(
     assert result.stderr.count("process group up") == 8
     assert result.stderr.count("warm restart: trainer forked") == 6  # every restart, both ranks
     assert "connectFullMesh" not in result.stderr
-    restarts = {json.loads(x).get("restart") for x in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    restarts = {r.get("restart") for r in metrics_rows(run_dir)}
     assert {0, 1, 2, 3} <= restarts
     assert_same_run(reference, run_dir)
 

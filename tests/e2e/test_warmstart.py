@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ pytestmark = pytest.mark.skipif(not warmstart.supported(), reason="warm restarts
 
 def alive(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        return warmstart._stat(pid)[0] not in ("Z", "X")
     except OSError:
         return False
 
@@ -71,7 +70,7 @@ def zygote(tmp_path: Path) -> Iterator[subprocess.Popen]:
         proc = subprocess.Popen([sys.executable, "-u", ZYGOTE, str(os.getpid())], env=env, stderr=log)
     try:
         deadline = time.monotonic() + 120
-        while not _listening(os.getpid()):
+        while not warmstart.listening(os.getpid()):
             assert proc.poll() is None, (tmp_path / "zygote.log").read_text()
             assert time.monotonic() < deadline, "zygote never listened"
             time.sleep(0.1)
@@ -199,7 +198,7 @@ def test_torchrun_restart_is_warm_preemptible_and_leaves_no_zygote(corpus: Path,
     try:
         # A restart within the first seconds of a cold start is cold: the zygote is still
         # importing. Wait for it, then SIGKILL rank 1's worker as a failing node would.
-        _wait(lambda: _listening(proc.pid) and len(_rows(run_dir)) >= 3, proc)
+        _wait(lambda: warmstart.listening(proc.pid) and len(_rows(run_dir)) >= 3, proc)
         (rank1,) = [p for p in process_tree(proc.pid) if _environ(p).get("LOCAL_RANK") == "1"]
         os.kill(rank1, signal.SIGKILL)
         _wait(lambda: sum(r.get("restart") == 1 for r in _rows(run_dir)) >= 3, proc)
@@ -223,15 +222,6 @@ def _wait(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
     while not condition():
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.1)
-
-
-def _listening(agent: int) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(warmstart._address(agent))
-        except OSError:
-            return False
-    return True
 
 
 def _environ(pid: int) -> dict[str, str]:

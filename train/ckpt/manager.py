@@ -72,7 +72,6 @@ class CheckpointManager:
             try:
                 data = self.storage.read(name, file, on_chunk=hashing.feed)
             except FileNotFoundError:
-                hashing.digest_of(b"")  # stops its thread
                 raise mf.Problem(f"{file} is missing") from None
             mf.check_file(manifest, file, data, hashing)
             blobs[file] = data

@@ -39,16 +39,19 @@ class BackgroundChecksum:
 
     def __init__(self) -> None:
         self._hasher = xxhash.xxh3_64()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-checksum")  # in order
+        self._pool: ThreadPoolExecutor | None = None  # started by the first piece
         self.fed = 0
 
     def feed(self, chunk: memoryview) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-checksum")  # in order
         self.fed += len(chunk)
         self._pool.submit(self._hasher.update, chunk)
 
     def digest_of(self, data: bytes | memoryview) -> str:
         """The checksum of ``data``: from the pieces fed, if they were all of it."""
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
         return self._hasher.hexdigest() if self.fed == len(data) else checksum(data)
 
 
