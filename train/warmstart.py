@@ -7,13 +7,28 @@ waits. When torchrun restarts the workers, each new worker - still only ``python
 with the standard library loaded - hands its argv, environment, working directory and stdio to
 the zygote, which forks a ready trainer. The worker stays behind as the trainer's stand-in, so
 torchrun sees nothing different:
-- signals torchrun (or anyone) sends the worker are passed on to the trainer;
+- signals torchrun (or anyone) sends the worker are passed on to the trainer (through a pidfd the
+  zygote hands over, never through a pid number anyone could name);
 - the worker exits with the trainer's exit status, or dies of the same signal;
 - if the worker is SIGKILLed, the trainer kills itself at once (it watches the worker's pidfd).
-The zygote only ever imports (no threads, no CUDA), so forking it is safe; it listens on an
-abstract Unix socket named after its agent, serves only processes of the same user whose parent is
-that agent, and exits when the agent does. Without a zygote (first start, not Linux, not under
-torchrun, ``--dist.warm-restart false``) a worker starts cold as before.
+
+Trust, both ways. The worker sends its environment (tokens included) and its stdio, so it talks
+only to the zygote it expects: the socket lives in a directory only this user can write (mode
+0700, checked, never followed through a symlink; see ``runtime_dir``), and before a single byte
+goes out the worker checks with SO_PEERCRED that the listening process is that user's and is
+exactly the zygote named in the pid file beside the socket. The zygote, in turn, serves only
+processes of the same user whose parent is its agent. A forked trainer does nothing until its
+worker confirms it is standing in (a worker that gave up waiting never leaves a second trainer
+of its rank running). A directory another user owns or can write disables warm restarts with
+one warning; ``--dist.warm-restart false`` or ``FTJOB_WARM_RESTART=0`` means no zygote and no
+hand-off attempt at all.
+
+The zygote only ever imports (no threads, no CUDA), so forking it is safe, and it exits when its
+agent does. Its limits: a forked trainer runs the code and the import-time state of the first
+start - environment variables that torch (or the job's modules) read at import keep the first
+attempt's values (``OMP_NUM_THREADS`` is re-applied); edits to the package take effect at the
+next torchrun launch. Without a zygote (first start, not Linux, not under torchrun, opted out) a
+worker starts cold as before.
 
 This module must import nothing beyond the standard library at the top: it runs before torch.
 """
@@ -23,20 +38,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
-import threading
+import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 AGENT_PID_ENV = "FTJOB_AGENT_PID"  # the torchrun agent, for a trainer whose parent is the zygote
 WARM_ENV = "FTJOB_WARM_START"  # set in a forked trainer: "<ms from worker start to fork>"
+OPT_OUT_ENV = "FTJOB_WARM_RESTART"  # "0"/"false"/"no"/"off": no zygote, no hand-off
+RUNTIME_DIR_ENV = "FTJOB_RUNTIME_DIR"  # where sockets go (default: $XDG_RUNTIME_DIR/ftjob or /tmp/ftjob-UID)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
-_REPLY_TIMEOUT_S = 30.0
+REPLY_TIMEOUT_S = 30.0
+GO = b"go\n"  # the worker's "I am standing in": only then does a forked trainer start
+_FALSE = ("0", "false", "no", "off")
 
 
 def supported() -> bool:
@@ -61,38 +81,150 @@ def torchrun_agent() -> int | None:
     return agent if ("torchrun" in cmdline or "torch.distributed.run" in cmdline) else None
 
 
-def _stat(pid: int) -> list[str]:
+def proc_stat(pid: int) -> list[str]:
     """/proc/PID/stat from field 3 on (after the parenthesised command name, which may hold spaces)."""
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
 
 
-def _start_ticks(pid: int) -> str:
-    return _stat(pid)[19]  # start time: tells a reused pid apart
+def start_ticks(pid: int) -> str:
+    return proc_stat(pid)[19]  # start time: tells a reused pid apart
 
 
-def _address(agent: int) -> bytes:
-    return f"\0ftjob-zygote-{os.getuid()}-{agent}-{_start_ticks(agent)}".encode()
+# -- where the socket lives ------------------------------------------------------------------------
+class Untrusted(Exception):
+    """The socket directory is not private to this user: no warm restarts."""
+
+
+def runtime_dir() -> Path:
+    explicit = os.environ.get(RUNTIME_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg and _private(Path(xdg)):
+        return Path(xdg) / "ftjob"
+    return Path(tempfile.gettempdir()) / f"ftjob-{os.getuid()}"
+
+
+def _private(path: Path) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def private_dir(create: bool) -> Path:
+    """runtime_dir(), made if asked; raises Untrusted unless it is a real directory (not a symlink)
+    that this user owns and nobody else can enter. Anyone could pre-create /tmp/ftjob-UID, so the
+    check matters; in a sticky /tmp nobody else can rename or replace it once it is ours."""
+    path = runtime_dir()
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise Untrusted(f"{path} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Untrusted(f"{path} is not a directory")
+    if st.st_uid != os.getuid():
+        raise Untrusted(f"{path} belongs to uid {st.st_uid}, not {os.getuid()}")
+    if st.st_mode & 0o077:
+        raise Untrusted(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; others may enter it")
+    return path
+
+
+def socket_paths(agent: int) -> tuple[Path, Path]:
+    """(socket, pid file) of the zygote of this agent; the agent's start time tells a reused pid apart."""
+    base = private_dir(create=False) / f"zygote-{agent}-{start_ticks(agent)}"
+    return base.with_suffix(".sock"), base.with_suffix(".pid")
+
+
+def _expected_zygote(pid_file: Path) -> int:
+    """The zygote's pid, from the file it wrote, if that process is still the one that wrote it."""
+    record = json.loads(pid_file.read_text())
+    pid = int(record["pid"])
+    if start_ticks(pid) != record["start"]:
+        raise ProcessLookupError(f"zygote {pid} is gone")
+    return pid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    pid, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    return pid, uid
+
+
+def _connect(agent: int) -> socket.socket:
+    """A connection to this agent's zygote, checked to be that very process; raises OSError or
+    ValueError when there is none (or it is not the one expected)."""
+    sock_path, pid_file = socket_paths(agent)
+    expected = _expected_zygote(pid_file)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(5.0)
+        sock.connect(str(sock_path))
+        pid, uid = peer_credentials(sock)
+        if uid != os.getuid() or pid != expected:
+            raise PermissionError(
+                f"socket {sock_path} is served by pid {pid} uid {uid}, not zygote {expected}"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def listening(agent: int) -> bool:
-    """Whether a zygote for this agent accepts workers now (it refuses this caller, harmlessly)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(_address(agent))
-        except OSError:
-            return False
+    """Whether this agent's zygote accepts workers now (it refuses this caller, harmlessly)."""
+    try:
+        _connect(agent).close()
+    except (OSError, ValueError, KeyError, Untrusted):
+        return False
     return True
+
+
+def opted_out(argv: list[str]) -> bool:
+    """``--dist.warm-restart false`` (CLI, or the ``--config`` file) or FTJOB_WARM_RESTART=0, read
+    without the config parser: the hand-off runs before torch or tyro is imported."""
+    if os.environ.get(OPT_OUT_ENV, "").lower() in _FALSE:
+        return True
+    flags = ("--dist.warm-restart", "--dist.warm_restart")
+    cli = config_file = None
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if name in flags:
+            cli = value
+        elif name == "--config":
+            config_file = value
+    if cli is not None:
+        return cli.lower() in _FALSE
+    return config_file is not None and _file_says_off(config_file)
+
+
+def _file_says_off(path: str) -> bool:
+    try:
+        text = Path(path).read_text()
+        raw = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+        section = raw.get("dist", {})
+        value = section.get("warm_restart", section.get("warm-restart", True))
+    except (OSError, ValueError, AttributeError):
+        return False  # the job itself reports a bad config file
+    return value is False or str(value).lower() in _FALSE
 
 
 # -- the worker side -------------------------------------------------------------------------------
 def handoff() -> None:
     """Run this worker in a forked trainer if this agent has a zygote; return only if not."""
     os.environ.pop(AGENT_PID_ENV, None)
-    if not supported() or "TORCHELASTIC_RUN_ID" not in os.environ:
+    if not supported() or "TORCHELASTIC_RUN_ID" not in os.environ or opted_out(sys.argv[1:]):
         return
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(_address(os.getppid()))
+        sock = _connect(os.getppid())
+    except (OSError, ValueError, KeyError, Untrusted):
+        return  # no zygote (a cold start), or not one this worker can trust
+    try:
         request = {
             "argv": sys.argv,
             "cwd": os.getcwd(),
@@ -102,32 +234,34 @@ def handoff() -> None:
         payload = json.dumps(request).encode()
         socket.send_fds(sock, [struct.pack("!Q", len(payload))], [0, 1, 2])
         sock.sendall(payload)
-        sock.settimeout(_REPLY_TIMEOUT_S)
-        replies = sock.makefile("r")
-        first = replies.readline()
-    except OSError:  # no zygote (cold start), or it is gone: start cold
+        sock.settimeout(REPLY_TIMEOUT_S)
+        reply, fds, _, _ = socket.recv_fds(sock, 64, 1)
+        if not reply.startswith(b"pid ") or len(fds) != 1:
+            raise ConnectionError("the zygote refused")
+        sock.sendall(GO)
+    except OSError:
+        # Gave up (or was refused): start cold. Without our "go", a trainer the zygote may still
+        # fork for this request exits at once, so this rank never runs twice.
         sock.close()
         return
-    if not first.startswith("pid "):
-        return  # the zygote refused (e.g. shutting down): start cold
-    _stand_in(int(first.split()[1]), sock, replies)
+    _stand_in(fds[0], sock)
 
 
 def _process_start_time() -> float:
-    ticks = int(_start_ticks(os.getpid())) / os.sysconf("SC_CLK_TCK")
+    ticks = int(start_ticks(os.getpid())) / os.sysconf("SC_CLK_TCK")
     boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     return boot + ticks
 
 
-def _stand_in(trainer: int, sock: socket.socket, replies) -> None:
+def _stand_in(trainer_fd: int, sock: socket.socket) -> None:
     def forward(signum, _frame):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(trainer, signum)
+            signal.pidfd_send_signal(trainer_fd, signum)
 
     for sig in _FORWARDED:
         signal.signal(sig, forward)
     sock.settimeout(None)
-    status = replies.readline().split()
+    status = sock.makefile("r").readline().split()
     if len(status) == 2 and status[0] == "signal":
         sig = int(status[1])
         with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
@@ -138,7 +272,7 @@ def _stand_in(trainer: int, sock: socket.socket, replies) -> None:
         os._exit(int(status[1]))
     # The zygote died before the trainer did: do not leave a trainer nobody can wait for.
     with contextlib.suppress(ProcessLookupError):
-        os.kill(trainer, signal.SIGKILL)
+        signal.pidfd_send_signal(trainer_fd, signal.SIGKILL)
     print("error: warm-start zygote vanished; the worker fails so torchrun restarts it", file=sys.stderr)
     os._exit(1)
 
@@ -146,129 +280,28 @@ def _stand_in(trainer: int, sock: socket.socket, replies) -> None:
 # -- starting a zygote -----------------------------------------------------------------------------
 def start_zygote(enabled: bool) -> None:
     """From a cold worker: give this worker's agent a zygote for its next restart, if useful."""
-    if not (enabled and supported()):
+    if not (enabled and supported()) or os.environ.get(OPT_OUT_ENV, "").lower() in _FALSE:
         return
     if os.environ.get("LOCAL_RANK", "0") != "0" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1:
         return  # one per agent; and without restarts there is nothing to warm
     agent = torchrun_agent()
     if agent is None:
         return  # a zygote would be keyed to a wrapper process that dies with every attempt
+    try:
+        private_dir(create=True)
+    except (OSError, Untrusted) as e:
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":  # say it once, not per attempt
+            print(
+                f"warning: warm restarts off: {e}; set {RUNTIME_DIR_ENV} to a directory only you can "
+                "write (mode 0700)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return
     subprocess.Popen(
-        [sys.executable, "-u", __file__, str(agent)],
+        [sys.executable, "-u", str(Path(__file__).with_name("zygote.py")), str(agent)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # out of the worker's process group, which torchrun kills
     )
-
-
-# -- the zygote ------------------------------------------------------------------------------------
-def serve(agent: int) -> None:
-    try:
-        agent_fd = os.pidfd_open(agent)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(_address(agent))  # taken: another zygote serves this agent
-    except OSError:
-        return
-    # Bound but not listening yet: a worker that connects now is refused and starts cold.
-    import torch._dynamo  # noqa: F401  the first optimizer built imports it: 0.8 s
-
-    import train.main  # noqa: F401  what a worker would import, once
-    from train import config
-
-    with contextlib.suppress(BaseException):
-        config.parse(["--run-dir", os.devnull])  # tyro builds its parser once: ~0.1 s less later
-
-    listener.listen(64)
-    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, the worker's connection)
-    while True:
-        ready, _, _ = select.select([listener, agent_fd, *children], [], [])
-        if agent_fd in ready:
-            return  # the job is over (or the agent died): nothing left to serve
-        for fd in ready:
-            if fd in children:
-                pid, conn = children.pop(fd)
-                _report(pid, conn)
-                os.close(fd)
-        if listener in ready:
-            _accept(listener, agent, agent_fd, children)
-
-
-def _report(pid: int, conn: socket.socket) -> None:
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    with contextlib.suppress(OSError):
-        conn.sendall(f"signal {-code}\n".encode() if code < 0 else f"exit {code}\n".encode())
-    conn.close()
-
-
-def _accept(listener: socket.socket, agent: int, agent_fd: int, children: dict) -> None:
-    conn, _ = listener.accept()
-    fds: list[int] = []
-    try:
-        conn.settimeout(5.0)
-        pid, uid, _ = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-        if uid != os.getuid() or int(_stat(pid)[1]) != agent:
-            raise PermissionError(f"pid {pid} is not a worker of agent {agent}")
-        header, fds, _, _ = socket.recv_fds(conn, 8, 3)
-        (size,) = struct.unpack("!Q", header)
-        payload = b""
-        while len(payload) < size:
-            chunk = conn.recv(size - len(payload))
-            if not chunk:
-                raise ConnectionError("worker went away")
-            payload += chunk
-        request = json.loads(payload)
-        worker_fd = os.pidfd_open(pid)
-    except (OSError, ValueError, struct.error):
-        for fd in fds:
-            os.close(fd)
-        conn.close()
-        return
-    child = os.fork()
-    if child == 0:
-        with contextlib.suppress(BaseException):
-            listener.close()
-            os.close(agent_fd)
-            for fd, (_, other) in children.items():
-                os.close(fd)
-                other.close()
-            conn.close()
-            _run_trainer(request, fds, worker_fd)
-        os._exit(1)
-    for fd in fds:
-        os.close(fd)
-    os.close(worker_fd)
-    children[os.pidfd_open(child)] = (child, conn)
-    with contextlib.suppress(OSError):
-        conn.settimeout(None)
-        conn.sendall(f"pid {child}\n".encode())
-
-
-def _run_trainer(request: dict, fds: list[int], worker_fd: int) -> None:
-    for target, fd in enumerate(fds):
-        os.dup2(fd, target)
-        os.close(fd)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    os.environ[WARM_ENV] = f"{(time.time() - request['started']) * 1000:.0f}"
-    sys.argv = request["argv"]
-    threading.Thread(target=_die_with_worker, args=(worker_fd,), daemon=True).start()
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read at import, in the zygote's env
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    from train.main import cli
-
-    cli()
-
-
-def _die_with_worker(worker_fd: int) -> None:
-    select.select([worker_fd], [], [])  # readable once the worker has exited
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    serve(int(sys.argv[1]))

@@ -32,13 +32,13 @@ from conftest import (
 
 from train import warmstart
 
-ZYGOTE = str(REPO / "train" / "warmstart.py")
+ZYGOTE = str(REPO / "train" / "zygote.py")
 pytestmark = pytest.mark.skipif(not warmstart.supported(), reason="warm restarts need Linux pidfds")
 
 
 def alive(pid: int) -> bool:
     try:
-        return warmstart._stat(pid)[0] not in ("Z", "X")
+        return warmstart.proc_stat(pid)[0] not in ("Z", "X")
     except OSError:
         return False
 
@@ -57,7 +57,7 @@ def zygotes_of(agent: int) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) >= 3 and argv[-3].endswith(b"warmstart.py") and argv[-2] == str(agent).encode():
+        if len(argv) >= 3 and argv[-3].endswith(b"zygote.py") and argv[-2] == str(agent).encode():
             found.append(int(entry.name))
     return [p for p in found if alive(p)]
 

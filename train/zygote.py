@@ -1,0 +1,179 @@
+"""The warm-start zygote: one per torchrun agent, it imports torch once and forks ready trainers.
+
+Started by ``warmstart.start_zygote`` (``python train/zygote.py AGENT_PID``); see train/warmstart.py
+for the protocol and who trusts whom. It never runs torch code itself, starts no threads and
+touches no GPU, so forking it is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train.warmstart import (
+    GO,
+    REPLY_TIMEOUT_S,
+    WARM_ENV,
+    Untrusted,
+    peer_credentials,
+    private_dir,
+    proc_stat,
+    socket_paths,
+    start_ticks,
+)
+
+
+def serve(agent: int) -> None:
+    try:
+        agent_fd = os.pidfd_open(agent)
+        private_dir(create=True)
+        sock_path, pid_file = socket_paths(agent)
+        # One zygote per agent: the lock is held for life, so a socket left by a killed one is stale.
+        lock = os.open(sock_path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        sock_path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(sock_path))
+    except (OSError, Untrusted):
+        return
+    try:
+        # Bound but not listening yet: a worker that connects now is refused and starts cold.
+        import torch._dynamo  # noqa: F401  the first optimizer built imports it: 0.8 s
+
+        import train.main  # noqa: F401  what a worker would import, once
+        from train import config
+
+        with contextlib.suppress(BaseException):
+            config.parse(["--run-dir", os.devnull])  # tyro builds its parser once: ~0.1 s less later
+
+        listener.listen(64)
+        tmp = pid_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "start": start_ticks(os.getpid())}))
+        os.replace(tmp, pid_file)  # workers trust only the process this file names
+        _serve(listener, agent, agent_fd)
+    finally:
+        for path in (pid_file, sock_path, sock_path.with_suffix(".lock")):
+            path.unlink(missing_ok=True)
+
+
+def _serve(listener: socket.socket, agent: int, agent_fd: int) -> None:
+    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, the worker's connection)
+    while True:
+        ready, _, _ = select.select([listener, agent_fd, *children], [], [])
+        if agent_fd in ready:
+            return  # the job is over (or the agent died): nothing left to serve
+        for fd in ready:
+            if fd in children:
+                pid, conn = children.pop(fd)
+                _report(pid, conn)
+                os.close(fd)
+        if listener in ready:
+            _accept(listener, agent, agent_fd, children)
+
+
+def _report(pid: int, conn: socket.socket) -> None:
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    with contextlib.suppress(OSError):
+        conn.sendall(f"signal {-code}\n".encode() if code < 0 else f"exit {code}\n".encode())
+    conn.close()
+
+
+def _accept(listener: socket.socket, agent: int, agent_fd: int, children: dict) -> None:
+    conn, _ = listener.accept()
+    fds: list[int] = []
+    try:
+        conn.settimeout(5.0)
+        pid, uid = peer_credentials(conn)
+        if uid != os.getuid() or int(proc_stat(pid)[1]) != agent:
+            raise PermissionError(f"pid {pid} is not a worker of agent {agent}")
+        header, fds, _, _ = socket.recv_fds(conn, 8, 3)
+        (size,) = struct.unpack("!Q", header)
+        payload = b""
+        while len(payload) < size:
+            chunk = conn.recv(size - len(payload))
+            if not chunk:
+                raise ConnectionError("worker went away")
+            payload += chunk
+        request = json.loads(payload)
+        worker_fd = os.pidfd_open(pid)
+    except (OSError, ValueError, struct.error):
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        return
+    child = os.fork()
+    if child == 0:
+        with contextlib.suppress(BaseException):
+            listener.close()
+            os.close(agent_fd)
+            for fd, (_, other) in children.items():
+                os.close(fd)
+                other.close()
+            _await_go(conn)
+            _run_trainer(request, fds, worker_fd)
+        os._exit(1)
+    for fd in fds:
+        os.close(fd)
+    os.close(worker_fd)
+    child_fd = os.pidfd_open(child)
+    children[child_fd] = (child, conn)
+    with contextlib.suppress(OSError):
+        conn.settimeout(None)
+        socket.send_fds(conn, [f"pid {child}\n".encode()], [child_fd])
+
+
+def _await_go(conn: socket.socket) -> None:
+    """In the forked trainer: run only once the worker confirms it stands in for us. A worker
+    that timed out and started cold closes the connection instead, and this fork exits."""
+    conn.settimeout(REPLY_TIMEOUT_S + 5)
+    got = b""
+    while len(got) < len(GO):
+        chunk = conn.recv(len(GO) - len(got))
+        if not chunk:
+            os._exit(1)
+        got += chunk
+    if got != GO:
+        os._exit(1)
+    conn.close()
+
+
+def _run_trainer(request: dict, fds: list[int], worker_fd: int) -> None:
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.environ[WARM_ENV] = f"{(time.time() - request['started']) * 1000:.0f}"
+    sys.argv = request["argv"]
+    threading.Thread(target=_die_with_worker, args=(worker_fd,), daemon=True).start()
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read at import, in the zygote's env
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    from train.main import cli
+
+    cli()
+
+
+def _die_with_worker(worker_fd: int) -> None:
+    select.select([worker_fd], [], [])  # readable once the worker has exited
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
