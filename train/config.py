@@ -69,6 +69,12 @@ class CkptConfig:
     """Keep the newest N valid checkpoints."""
     async_save: Annotated[bool, tyro.conf.arg(name="async")] = True
     """Serialise and commit in a background thread; the step loop only pays for a memory snapshot."""
+    max_failures: int = 3
+    """Consecutive failed saves (full disk, storage errors) after which the job stops; until then it
+    keeps training and retries at the next interval."""
+    save_timeout_s: float = 600.0
+    """A save still running after this long counts as hung storage: the attempt ends (exit 147,
+    retryable) instead of waiting forever."""
 
 
 @dataclass
@@ -151,6 +157,8 @@ def validate(cfg: Config) -> None:
         (cfg.micro_batch_size is None or cfg.micro_batch_size >= 1, "--micro-batch-size must be >= 1"),
         (cfg.ckpt.interval >= 0, "--ckpt.interval must be >= 0 (0 disables periodic saves)"),
         (cfg.ckpt.keep >= 1, "--ckpt.keep must be >= 1 (the newest checkpoint is always kept)"),
+        (cfg.ckpt.max_failures >= 1, "--ckpt.max-failures must be >= 1"),
+        (cfg.ckpt.save_timeout_s > 0, "--ckpt.save-timeout-s must be > 0"),
         (cfg.data.seq_len >= 1, "--data.seq-len must be >= 1"),
         (cfg.data.val_every >= 2, "--data.val-every must be >= 2"),
         (

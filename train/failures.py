@@ -1,17 +1,29 @@
 """How a run ends, in a form schedulers and launchers can act on.
 
-torchrun exits 1 whatever its workers did, so the job records its outcome in
-``<run-dir>/exit_status.json`` ({"code", "reason", ...}); launch/ scripts exit with that code.
-Permanent errors print one line and, under torchrun, stop the agent: restarting cannot fix them,
-and each futile restart would only repeat the error and burn the restart budget.
+Every way a worker ends is recorded with a code and a class (see train/errors.py): finished,
+preempted, a permanent error, the watchdog, an exception (classified: a lost peer, a collective
+timeout, failing checkpoint storage, or unknown - which counts as retryable). Records go to
+
+- ``$FTJOB_STATUS_FILE`` when set: the launchers give each node a private file of its own, so one
+  node's status never overwrites another's;
+- ``<run-dir>/exit_status.json``, for people and for plain torchrun users, written only by the node
+  that holds global rank 0 (node rank 0).
+
+Several ranks of one node may end at once; within one attempt the root cause wins: a record of a
+rank that failed *because another did* (peer lost, collective timed out, "rank 0 said so") never
+replaces one that says why. Permanent errors print one line (on the rank that saw them) and, under
+torchrun, stop the agent: each futile restart would only repeat the error and burn the budget.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -19,10 +31,25 @@ from pathlib import Path
 
 from train import warmstart
 from train.config import Config
-from train.errors import PermanentError, RunDirError
+from train.errors import (
+    CAUSES,
+    EXIT_COLLECTIVE_TIMEOUT,
+    EXIT_CRASH,
+    EXIT_PEER,
+    PermanentError,
+    RunDirError,
+    StorageError,
+    classify,
+)
 
 log = logging.getLogger("train")
 STATUS_FILE = "exit_status.json"
+STATUS_ENV = "FTJOB_STATUS_FILE"
+
+# Words of torch's gloo/nccl/store errors when the other side went away, or did not answer in time.
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+              "socket closed", "ncclremoteerror", "recv_bytes", "pipe closed")  # fmt: skip
+_TIMED_OUT = ("timed out", "timeout", "watchdog caught collective operation")
 
 
 def check_run_dir(run_dir: str) -> None:
@@ -39,7 +66,7 @@ def check_run_dir(run_dir: str) -> None:
 
 
 def guess_run_dir(argv: list[str] | None) -> str | None:
-    """Where launchers will look for exit_status.json when the config itself did not parse."""
+    """Where the run-dir copy goes when the config itself did not parse."""
     args = sys.argv[1:] if argv is None else argv
     for i, arg in enumerate(args):
         if arg == "--run-dir" and i + 1 < len(args):
@@ -49,44 +76,99 @@ def guess_run_dir(argv: list[str] | None) -> str | None:
     return Config().run_dir
 
 
-def _is_local_leader() -> bool:
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+def _attempt() -> list[str]:
+    """Which attempt of which agent a record belongs to: records of other attempts are replaced."""
+    return [
+        os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
+        socket.gethostname(),
+        str(warmstart.agent_pid()),
+    ]
 
 
-def record_exit(run_dir: str | None, code: int, reason: str) -> None:
-    """Rank 0's (or, before ranks agree, local rank 0's) account of how this attempt ended."""
-    if run_dir is None or not _is_local_leader():
-        return
+def _targets(run_dir: str | None) -> list[Path]:
+    targets = [Path(os.environ[STATUS_ENV])] if os.environ.get(STATUS_ENV) else []
+    if run_dir is not None and os.environ.get("GROUP_RANK", "0") == "0":
+        targets.append(Path(run_dir) / STATUS_FILE)
+    return targets
+
+
+def record_exit(run_dir: str | None, code: int, reason: str, secondary: bool = False) -> None:
+    """This rank's account of how its attempt ended (``secondary``: it failed because another did)."""
     status = {
         "code": code,
+        "class": classify(code),
+        "cause": CAUSES.get(code, "signal" if code > 128 else "error"),
         "reason": reason,
-        "time": time.time(),
+        "secondary": secondary,
+        "rank": int(os.environ.get("RANK", "0")),
         "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "attempt": _attempt(),
+        "time": time.time(),
     }
+    for path in _targets(run_dir):
+        with contextlib.suppress(OSError):  # an unwritable run dir is itself the error being reported
+            _write(path, status)
+
+
+def _write(path: Path, status: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(run_dir) / f".{STATUS_FILE}.{os.getpid()}"
+        with contextlib.suppress(OSError):  # best effort where a filesystem cannot lock directories
+            fcntl.flock(lock, fcntl.LOCK_EX)  # local ranks of one node end at the same moment
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if (
+            isinstance(old, dict)
+            and old.get("attempt") == status["attempt"]
+            and (status["secondary"] or not old.get("secondary"))
+        ):
+            return  # this attempt already has a record that is at least as close to the root cause
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
         tmp.write_text(json.dumps(status) + "\n")
-        os.replace(tmp, Path(run_dir) / STATUS_FILE)
-    except OSError:
-        pass  # an unwritable run dir is itself the error being reported
-
-
-def clear_exit(run_dir: str) -> None:
-    if _is_local_leader():
-        Path(run_dir, STATUS_FILE).unlink(missing_ok=True)
+        os.replace(tmp, path)
+    finally:
+        os.close(lock)
 
 
 def permanent(error: PermanentError, run_dir: str | None) -> int:
     code = error.exit_code
-    agent = warmstart.torchrun_agent() if _is_local_leader() else None
+    agent = warmstart.torchrun_agent() if os.environ.get("LOCAL_RANK", "0") == "0" else None
     action = f"; stopping torchrun (pid {agent}) so it does not restart" if agent else ""
-    print(
-        f"error: {error} [exit {code}: permanent, restarting will not help{action}]",
-        file=sys.stderr,
-        flush=True,
-    )
-    record_exit(run_dir, code, str(error))
+    if error.echo:
+        print(
+            f"error: {error} [exit {code}: permanent, restarting will not help{action}]",
+            file=sys.stderr,
+            flush=True,
+        )
+    record_exit(run_dir, code, str(error), secondary=not error.echo)
     if agent:
         os.kill(agent, signal.SIGTERM)
     return code
+
+
+def crashed(error: BaseException, run_dir: str | None) -> int:
+    """Record an exception nothing else handled; return the retryable code it maps to."""
+    code, secondary = classify_exception(error)
+    first = (str(error).strip().splitlines() or [""])[0][:300]
+    record_exit(run_dir, code, f"{type(error).__name__}: {first}", secondary=secondary)
+    return code
+
+
+def classify_exception(error: BaseException) -> tuple[int, bool]:
+    """(exit code, whether another rank's failure is the likely cause)."""
+    if isinstance(error, StorageError):
+        return error.exit_code, not error.echo
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + signal.SIGINT, False
+    text = str(error).lower()
+    distributed = "distributed" in type(error).__module__ or "gloo" in text or "nccl" in text
+    if distributed or isinstance(error, ConnectionError):
+        if any(words in text for words in _PEER_LOST) or isinstance(error, ConnectionError):
+            return EXIT_PEER, True
+        if any(words in text for words in _TIMED_OUT):
+            return EXIT_COLLECTIVE_TIMEOUT, True
+    return EXIT_CRASH, False

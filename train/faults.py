@@ -10,6 +10,9 @@ FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
   kill:point=ckpt.before_rename:save_step=40
                               SIGKILL inside the checkpoint commit of step 40 at that point
                               (points: ckpt.file_written, ckpt.before_rename, ckpt.after_rename)
+  slow_write:ms=4000          every checkpoint file takes 4 s longer to write (a slow filesystem)
+  hang_write:save_step=40     the checkpoint write of step 40 never finishes (a hung NFS mount)
+  raise:step=20:rank=1        an uncaught exception (RuntimeError) right after step 20
 
 Every fault fires only on the first attempt (``restart=0``) unless it says otherwise
 (``restart=N``, or ``restart=any``), so an injected crash does not turn into a crash loop.
@@ -79,8 +82,15 @@ def set_context(**ctx: int) -> None:
 
 def point(name: str) -> None:
     for fault in _active():
-        if fault["kind"] == "kill" and _matches(fault, point=name):
+        kind = fault["kind"]
+        if kind == "kill" and _matches(fault, point=name):
             _kill(f"at {name}")
+        elif kind in ("slow_write", "hang_write") and name == "ckpt.file_written" and _matches(fault):
+            if kind == "hang_write":
+                log.warning("fault injection: checkpoint write hangs")
+                while True:
+                    time.sleep(3600)
+            time.sleep(float(fault.get("ms", "1000")) / 1000)
 
 
 def after_step(step: int) -> None:
@@ -89,6 +99,8 @@ def after_step(step: int) -> None:
             continue
         if fault["kind"] == "crash":
             _kill(f"after step {step}")
+        elif fault["kind"] == "raise":
+            raise RuntimeError(f"fault injection: exception after step {step}")
         elif fault["kind"] == "hang":
             log.warning("fault injection: hanging after step %d", step)
             while True:

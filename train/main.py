@@ -39,7 +39,6 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # only rank 0 writes there
             failures.check_run_dir(cfg.run_dir)
         run_dir = cfg.run_dir
-        failures.clear_exit(run_dir)
         if cfg.deterministic:
             # Before the first cuBLAS call; warn_only so a kernel without a deterministic variant
             # degrades bit-exactness with a warning instead of stopping the job.
@@ -58,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except PermanentError as e:
         return failures.permanent(e, run_dir or failures.guess_run_dir(argv))
+    except SystemExit:
+        raise  # --help, or tyro's own exit
+    except BaseException as e:  # every ending gets a status; @record still writes torchrun's error file
+        e.ftjob_exit_code = failures.crashed(e, run_dir or failures.guess_run_dir(argv))  # type: ignore[attr-defined]
+        raise
 
 
 def set_deterministic() -> None:
@@ -85,9 +89,9 @@ def cli() -> None:
         exit_code = main() or 0  # @record turns SystemExit(0), e.g. after --help, into None
     except SystemExit as e:
         exit_code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except BaseException:
+    except BaseException as e:
         sys.excepthook(*sys.exc_info())  # @record already wrote torchrun's error file
-        exit_code = 1
+        exit_code = getattr(e, "ftjob_exit_code", 1)
     exit_now(exit_code)
 
 

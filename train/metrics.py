@@ -8,6 +8,7 @@ model went through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -32,13 +33,20 @@ class Metrics:
     def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int, log_interval: int):
         self.enabled, self.log_interval = enabled, log_interval
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self._write_failed = False
         interactive = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True) if interactive else None
 
     def _write(self, row: dict) -> None:
-        if self.file is not None:
+        if self.file is None:
+            return
+        try:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
+        except OSError as e:  # a full disk must not take the training down; checkpoints say so
+            if not self._write_failed:
+                log.warning("metrics.jsonl: row not written (%s); carrying on", e.strerror or e)
+            self._write_failed = True
 
     def event(self, kind: str, **fields: object) -> None:
         self._write({"kind": kind, "time": time.time(), **fields})
@@ -76,4 +84,5 @@ class Metrics:
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError):
+                self.file.close()

@@ -19,11 +19,12 @@ from train import comm, config, faults, preempt, rng
 from train import dist as distributed
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
-from train.ckpt.writer import CheckpointWriteError, CheckpointWriter
-from train.errors import EXIT_PREEMPTED
+from train.ckpt.writer import CheckpointWriter
+from train.errors import EXIT_PREEMPTED, StorageError
 from train.metrics import Metrics
 from train.resume import resume
 from train.sampler import BatchPlan, GlobalSampler, plan_batches
+from train.saving import SavePolicy
 from train.state import TrainState
 from train.task import Task, collate, load_task
 from train.watchdog import Watchdog
@@ -132,7 +133,10 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     plan = plan_batches(cfg.global_batch_size, env.world_size, cfg.micro_batch_size)
     fingerprint = config.fingerprint(cfg)
     if env.is_main:
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+        try:
+            (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+        except OSError as e:  # a full disk: the checkpoint policy reports it, this is no reason to stop
+            log.warning("config.json not written: %s", e.strerror or e)
 
     # Same initial weights everywhere (DDP would broadcast them anyway), then per-rank streams.
     rng.seed_all(cfg.seed)
@@ -154,8 +158,12 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     warm_up_buckets(task, model, state, plan, env)
 
     with ExitStack() as stack:
-        writer = CheckpointWriter(manager, background=cfg.ckpt.async_save)
-        stack.callback(writer.close)
+        # Always a background thread: with --ckpt.async false the loop waits for it right away,
+        # but in short shared waits, so no other rank sits in a collective meanwhile.
+        writer = CheckpointWriter(manager, background=True)
+        # On the way out, wait for a save in flight, but never for one that is hung.
+        stack.push(lambda kind, *_: writer.close(0 if kind is StorageError else cfg.ckpt.save_timeout_s))
+        policy = SavePolicy(writer, manager, cfg.ckpt, env)
         metrics = Metrics(run_dir, env.is_main, state.step, cfg.max_steps, cfg.log_interval)
         stack.callback(metrics.close)
         if resumed is not None:
@@ -164,9 +172,20 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         watchdog = stack.enter_context(Watchdog(cfg.watchdog, env.rank, cfg.run_dir))
         meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
 
-        def save() -> None:
-            writer.save(state.step, lambda: state.snapshot(env.device), meta)
-            metrics.event("checkpoint", step=state.step, stall_s=writer.stall_s)
+        def save(last: bool = False) -> None:
+            """``last``: the final or preemption save, which every rank waits for."""
+            blocking = last or not cfg.ckpt.async_save
+            t0 = time.perf_counter()
+            if last:
+                policy.settle()  # the previous save first: one in flight at most
+            writer.save(state.step, lambda: state.snapshot(env.device), meta, precheck=check_space)
+            if blocking:
+                policy.settle(final=last)
+            stall = time.perf_counter() - t0 if blocking else writer.stall_s
+            metrics.event("checkpoint", step=state.step, stall_s=stall)
+
+        def check_space() -> None:
+            policy.before_save(state.nbytes())
 
         log.info(
             "training steps %d..%d: %d ranks x %d micro-batch x %d accumulation = %d samples/step",
@@ -184,17 +203,16 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
                 task, model, state, plan, env, cfg.optim.grad_clip, writer.wait_staged
             )
             # One small all-reduce per step carries the logged loss and everything the ranks must
-            # agree on at this boundary: a stop signal on any rank, and whether rank 0's background
-            # save is still running or has failed. No extra collective, no rank acting alone.
-            flags = torch.tensor([stop.requested, writer.busy, writer.failed], dtype=torch.float32)
+            # agree on at this boundary: a stop signal on any rank, and rank 0's saving state (a
+            # save still running, hung, or failed for good). No extra collective, no rank acting alone.
+            flags = torch.tensor([float(stop.requested), *policy.local_flags()], dtype=torch.float32)
             stats = torch.cat([local_loss.reshape(1).float(), flags.to(env.device)])
             if env.backend:
                 dist.all_reduce(stats)
             loss = float(stats[0] / env.world_size)
-            preempted, save_busy, save_failed = (bool(x > 0) for x in stats[1:].tolist())
-            if save_failed:
-                writer.check()  # rank 0 raises its own error
-                raise CheckpointWriteError("rank 0 could not write a checkpoint (see its log)")
+            values = stats[1:].tolist()
+            preempted = values[0] > 0
+            save_busy = policy.act(values[1:])
             step_time = time.perf_counter() - t0
             if state.step == (resumed or {}).get("step", 0) + 1:
                 distributed.set_timeout(cfg.dist.timeout_s)
@@ -206,7 +224,9 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             final = state.step >= cfg.max_steps
             due = bool(cfg.ckpt.interval) and state.step % cfg.ckpt.interval == 0
             with watchdog.paused():
-                if final or preempted or (due and not save_busy):
+                if final or preempted:
+                    save(last=True)
+                elif due and not save_busy:
                     save()
                 elif due:
                     log.warning(
@@ -220,8 +240,6 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
                         metrics.val(state.step, val)
             if preempted and not final:
                 break
-        with watchdog.paused():
-            writer.wait()
         if not final:
             log.warning(
                 "preempted: saved step %d; exit %d asks the scheduler to requeue", state.step, EXIT_PREEMPTED

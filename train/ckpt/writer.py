@@ -37,6 +37,8 @@ class CheckpointWriter:
         self._staged = threading.Event()
         self._staged.set()
         self.stall_s = 0.0  # time the caller spent blocked by the latest save, in save() and wait_staged()
+        self._started: float | None = None  # monotonic start of the save in flight
+        self.step_in_flight: int | None = None
 
     def _write(self, step: int, state: Snapshot, meta: dict[str, Any]) -> None:
         try:
@@ -60,6 +62,25 @@ class CheckpointWriter:
     def failed(self) -> bool:
         return self._error is not None
 
+    def running_for(self) -> float:
+        """Seconds the save in flight has been running (0 when none is)."""
+        started = self._started
+        return time.monotonic() - started if started is not None and self.busy else 0.0
+
+    def join(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` s for the save in flight; True if it is still running."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return True
+            self._thread = None
+        return False
+
+    def take_error(self) -> BaseException | None:
+        """The background failure, if any, now handled by the caller (not raised again)."""
+        error, self._error = self._error, None
+        return error
+
     def check(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -78,18 +99,32 @@ class CheckpointWriter:
             self._thread = None
         self.check()
 
-    def save(self, step: int, snapshot: Callable[[], Snapshot | None], meta: dict[str, Any]) -> None:
+    def save(
+        self,
+        step: int,
+        snapshot: Callable[[], Snapshot | None],
+        meta: dict[str, Any],
+        precheck: Callable[[], object] | None = None,
+    ) -> None:
         """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it.
 
         ``snapshot`` may be collective; a rank that gets None from it has nothing to write.
+        ``precheck`` runs on a rank that has something to write, before any write: if it raises,
+        that is this save's failure (reported like a background one), and nothing is written.
         """
         t0 = time.perf_counter()
         self.wait()
         state = snapshot()
+        if state is not None and precheck is not None:
+            try:
+                precheck()
+            except Exception as e:
+                self._error, state = e, None
         if state is None:
             pass
         elif self.background:
             self._staged.clear()
+            self._started, self.step_in_flight = time.monotonic(), step
             self._thread = threading.Thread(
                 target=self._write, args=(step, state, meta), name=f"ckpt-save-{step}", daemon=True
             )
@@ -99,5 +134,15 @@ class CheckpointWriter:
             self.check()
         self.stall_s = time.perf_counter() - t0
 
-    def close(self) -> None:
-        self.wait()
+    def close(self, timeout: float | None = None) -> None:
+        """Wait for the save in flight (at most ``timeout`` s: a hung storage must not hold the exit)."""
+        if timeout is None:
+            self.wait()
+        elif not self.join(timeout):
+            self.check()
+        else:
+            log.error(
+                "abandoning the checkpoint save of step %s: still running after %.0fs",
+                self.step_in_flight,
+                timeout,
+            )

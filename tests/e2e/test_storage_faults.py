@@ -1,0 +1,123 @@
+"""Slow, hung and full checkpoint storage, with real torchrun: no save becomes a collective timeout,
+a hang is bounded, a full disk is one clear permanent stop and never a crash loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import metrics_rows, run_torchrun, start_torchrun, tiny_args, train_losses, wait_for_step
+
+from train.ckpt.manager import CheckpointManager
+from train.ckpt.storage import LocalStorage
+
+# Every checkpoint file takes 1.5 s: a save (3 files and the manifest) runs ~6 s, longer than the
+# collective timeout these tests set (2 s), so any rank waiting for it inside a collective would die.
+SLOW = "slow_write:ms=1500:restart=any"
+
+
+def checkpoints(run_dir: Path) -> list[tuple[int, bool]]:
+    manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=1)
+    return [(i.step, i.valid) for i in manager.list(deep=True)]
+
+
+def status(run_dir: Path) -> dict:
+    return json.loads((run_dir / "exit_status.json").read_text())
+
+
+def test_final_save_while_the_previous_is_still_written_is_no_collective_timeout(
+    corpus: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, corpus, max_steps=12, ckpt__interval=10, dist__timeout_s=2)
+    result = run_torchrun(args, env={"FTJOB_FAULT": SLOW})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoints(run_dir)[:2] == [(12, True), (10, True)]  # both written, the final one too
+    assert status(run_dir)["code"] == 0
+
+
+def test_preemption_while_a_save_is_in_flight_saves_the_stopped_step(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, corpus, max_steps=400, ckpt__interval=10, dist__timeout_s=2)
+    proc = start_torchrun(
+        args,
+        {"FTJOB_FAULT": f"{SLOW};slow:ms=100:restart=any"},
+        ["--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2"],
+    )
+    try:
+        wait_for_step(run_dir, 12)  # the save of step 10 is being written now
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    last = max(train_losses(run_dir))
+    assert status(run_dir)["code"] == 143, stderr[-3000:]
+    assert checkpoints(run_dir)[0] == (last, True)  # zero completed steps lost
+    assert (10, True) in checkpoints(run_dir)
+
+
+def test_a_hung_save_ends_the_attempt_within_the_save_timeout(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, corpus, max_steps=400, ckpt__interval=10, ckpt__save_timeout_s=3)
+    started = time.monotonic()
+    result = run_torchrun(
+        args, env={"FTJOB_FAULT": "hang_write:save_step=20:restart=any;slow:ms=20:restart=any"}
+    )
+    took = time.monotonic() - started
+    assert result.returncode != 0
+    assert took < 90, f"a hung save held the job for {took:.0f}s"
+    record = status(run_dir)
+    assert (record["code"], record["class"], record["cause"]) == (147, "retryable", "storage"), record
+    assert "has run longer than --ckpt.save-timeout-s 3" in result.stderr
+    assert checkpoints(run_dir) == [(10, True)]  # the hung one never counts, the older one is intact
+    rows = {r["step"]: r["time"] for r in metrics_rows(run_dir) if r["kind"] == "train"}
+    assert rows[max(rows)] - rows[20] < 3 + 3, "the hang was not detected within the save timeout"
+
+
+# -- a real full disk ---------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # ~3 checkpoints of the tiny model (~0.3 MB each) fit; --ckpt.keep 3 needs 4.
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k,mode=0700", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_clear_permanent_stop_not_a_crash_loop(
+    corpus: Path, tmp_path: Path, small_tmpfs: Path
+) -> None:
+    run_dir = small_tmpfs / "run"
+    args = tiny_args(run_dir, corpus, max_steps=200, ckpt__interval=5, ckpt__keep=3, ckpt__max_failures=2)
+    args += ["--data.cache-dir", str(tmp_path / "cache")]
+    result = run_torchrun(args, max_restarts=3)
+    assert result.returncode != 0
+    record = status(run_dir)
+    assert (record["code"], record["class"], record["cause"]) == (6, "permanent", "disk-full"), record
+    # Said before it happened, and at every failure: what is free and what is needed.
+    assert "checkpoint space: a checkpoint is" in result.stderr and "not enough" in result.stderr
+    failed = [line for line in result.stderr.splitlines() if "checkpoint save failed" in line]
+    assert len(failed) == 2 and all("needs (3 + 1) x" in line and "free" in line for line in failed), failed
+    assert "retrying at the next interval (1 of 2" in failed[0]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "exit 6: permanent" in errors[0], errors
+    # Nothing lost, nothing left behind, no restart burned on it.
+    found = checkpoints(run_dir)
+    assert found and all(valid for _, valid in found), found
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
+    assert {r.get("restart") for r in metrics_rows(run_dir) if r["kind"] == "train"} == {0}
+    assert "train/ckpt" not in result.stderr  # no traceback from the save path (torchrun prints its own)

@@ -1,0 +1,181 @@
+"""The job's checkpoint policy around the background writer: when ranks wait, when a failure stops.
+
+Only rank 0 writes, but every rank must agree on each step boundary, and none may sit inside a
+collective while rank 0 waits for its disk: the other ranks' collective would time out (at
+``--dist.timeout-s``) and turn a slow save into a failed job. So every wait for a save is a loop of
+short waits, each followed by a tiny all-reduce that all ranks enter within ``POLL_S``.
+
+What each rank learns at a boundary, from rank 0: a save is still running; a save has been running
+longer than ``--ckpt.save-timeout-s`` (hung storage: the attempt ends, exit 147, retryable); the
+job gives up on saving (after ``--ckpt.max-failures`` failed saves in a row, or a failed final or
+preemption save): exit 6 for a full disk (permanent: free space first), 147 otherwise.
+
+A failed save costs nothing on disk: the writer removes its own temporary and every committed
+checkpoint stays. Training goes on and the next interval tries again. Before the first save, and
+with every failure, rank 0 says in one line how much space the checkpoints need ((keep + 1) x one
+checkpoint: retention deletes only after a commit) and how much there is.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train.ckpt.manager import CheckpointManager
+from train.ckpt.writer import CheckpointWriter
+from train.config import CkptConfig
+from train.dist import DistEnv
+from train.errors import EXIT_DISK_FULL, DiskFullError, StorageError
+
+log = logging.getLogger("train")
+POLL_S = 0.2
+FLAGS = 3  # busy, give-up code, overdue
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def free_bytes(path: Path) -> int | None:
+    """Free space where ``path`` is (or will be created), None where that cannot be known."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+class SavePolicy:
+    def __init__(self, writer: CheckpointWriter, manager: CheckpointManager, cfg: CkptConfig, env: DistEnv):
+        self.writer, self.manager, self.cfg, self.env = writer, manager, cfg, env
+        self.failures = 0  # consecutive (rank 0)
+        self._committed = writer.last_committed
+        self._size: int | None = None  # bytes of one checkpoint, known at the first save
+        self._last_error = ""
+
+    # -- space ---------------------------------------------------------------------------------------
+    def _space(self) -> str:
+        root = Path(self.manager.storage.location(""))
+        free = free_bytes(root)
+        size = self._size or 0
+        existing = sum(i.size for i in self.manager.list())
+        need = (self.cfg.keep + 1) * size
+        have = "free space unknown" if free is None else f"{_mb(free)} free + {_mb(existing)} in checkpoints"
+        return (
+            f"a checkpoint is {_mb(size)}; --ckpt.keep {self.cfg.keep} needs ({self.cfg.keep} + 1) x "
+            f"{_mb(size)} = {_mb(need)} on {root}; {have}"
+        )
+
+    def before_save(self, size: int) -> None:
+        """Rank 0, before a save is handed to the writer: the first time, say what the run needs;
+        every time, refuse a save that cannot fit (it would only fill the disk and fail)."""
+        first, self._size = self._size is None, size
+        root = Path(self.manager.storage.location(""))
+        free = free_bytes(root)
+        if first:
+            existing = sum(i.size for i in self.manager.list())
+            short = free is not None and free + existing < (self.cfg.keep + 1) * size
+            (log.warning if short else log.info)(
+                "checkpoint space: %s%s",
+                self._space(),
+                "; not enough: saves will fail once the disk fills (free space, lower --ckpt.keep "
+                "or move --run-dir)"
+                if short
+                else "",
+            )
+        if free is not None and free < size:
+            raise OSError(errno.ENOSPC, f"only {_mb(free)} free for a {_mb(size)} checkpoint")
+
+    # -- the boundary ---------------------------------------------------------------------------------
+    def local_flags(self, final: bool = False, error: BaseException | None = None) -> list[float]:
+        """Rank 0's contribution to the boundary all-reduce (zeros elsewhere)."""
+        if not self.env.is_main:
+            return [0.0] * FLAGS
+        error = error or self.writer.take_error()
+        if self.writer.last_committed != self._committed:
+            self._committed, self.failures = self.writer.last_committed, 0
+        give_up = 0.0
+        if error is not None:
+            self.failures += 1
+            give_up = float(self._failed(error, final))
+        overdue = self.writer.running_for() > self.cfg.save_timeout_s
+        return [float(self.writer.busy), give_up, float(overdue)]
+
+    def act(self, flags: list[float]) -> bool:
+        """Every rank, on the all-reduced flags: raise if the job stops here; else whether rank 0
+        is still saving."""
+        busy, give_up, overdue = (int(x) for x in flags)
+        if overdue:
+            raise StorageError(
+                f"the checkpoint save of step {self.writer.step_in_flight} has run longer than "
+                f"--ckpt.save-timeout-s {self.cfg.save_timeout_s:g}: storage hung? ending this attempt"
+                if self.env.is_main
+                else "rank 0's checkpoint save is hung (see its log)",
+                echo=self.env.is_main,
+            )
+        if give_up == EXIT_DISK_FULL:
+            raise DiskFullError(self._give_up_line() if self.env.is_main else "", echo=self.env.is_main)
+        if give_up:
+            raise StorageError(
+                self._give_up_line() if self.env.is_main else "rank 0 cannot write checkpoints (see its log)",
+                echo=self.env.is_main,
+            )
+        return bool(busy)
+
+    def settle(self, final: bool = False) -> None:
+        """Collective: return once rank 0's save in flight is done, in short waits every rank
+        shares (see the module docstring)."""
+        while True:
+            if self.env.is_main:
+                self.writer.join(POLL_S)
+            flags = torch.tensor(self.local_flags(final), dtype=torch.float32, device=self.env.device)
+            if self.env.backend:
+                dist.all_reduce(flags)
+            if not self.act(flags.tolist()):
+                return
+
+    # -- failures -------------------------------------------------------------------------------------
+    def _failed(self, error: BaseException, final: bool) -> int:
+        """Log one line; return the exit code if the job gives up now, else 0."""
+        cause = getattr(error, "__cause__", None) or error
+        full = isinstance(cause, OSError) and cause.errno in _FULL
+        newest = next((i.step for i in self.manager.list() if i.valid), None)
+        self._last_error = f"{type(cause).__name__}: {cause}"
+        gives_up = final or self.failures >= self.cfg.max_failures
+        then = (
+            "the job stops"
+            if gives_up
+            else f"retrying at the next interval ({self.failures} of {self.cfg.max_failures} failures in "
+            "a row before the job stops)"
+        )
+        log.error(
+            "checkpoint save failed: %s; %s%s; newest checkpoint: %s",
+            self._last_error,
+            f"{self._space()}; " if full else "",
+            then,
+            f"step {newest}" if newest is not None else "none",
+        )
+        if not gives_up:
+            return 0
+        return EXIT_DISK_FULL if full else StorageError.exit_code
+
+    def _give_up_line(self) -> str:
+        what = (
+            "the final/preemption save"
+            if self.failures < self.cfg.max_failures
+            else (f"{self.failures} checkpoint saves in a row")
+        )
+        newest = next((i.step for i in self.manager.list() if i.valid), None)
+        return (
+            f"{what} failed ({self._last_error}); the newest checkpoint is "
+            f"{f'step {newest}' if newest is not None else 'none'}; {self._space()}; free space, lower "
+            "--ckpt.keep or move --run-dir, then start again: it resumes from there"
+        )
