@@ -1,101 +1,91 @@
-"""Helper of launch/local.sh: find and read the job's ``<run-dir>/exit_status.json``.
+"""Helper of launch/local.sh: the exit code a scheduler should see when torchrun has failed.
 
-torchrun exits 1 whatever its workers did, so the job records how it ended in that file
-({"code": N, "reason": "...", ...}, see train/failures.py) and the launcher exits with that code.
-Standard library only and no torch import: it runs in a few milliseconds.
+torchrun exits 1 whatever its workers did. Two records say more; the launcher gives each node a
+private directory for them, so nodes never overwrite each other's:
+- the job's own (``$FTJOB_STATUS_FILE``, written by train/failures.py): {"code", "class", "reason",
+  "secondary", ...}; ``secondary`` means "this rank failed because another did";
+- torchrun's own account, in the launcher's directory: its root-cause record
+  (``agent-error.json``, from ``$TORCHELASTIC_ERROR_FILE``) and a copy of its stderr
+  (``torchrun.err``), whose closing summary lists every failed worker - the only witness of a
+  worker that died of a signal (SIGKILL by the OOM killer, SIGSEGV), which cannot write anything.
 
-    python launch/exit_status.py clear [JOB ARGS...]        remove a previous run's status file
-    python launch/exit_status.py read START [JOB ARGS...]   print "CODE<TAB>REASON" or nothing
+    python launch/exit_status.py read STATUS_FILE RECORDS_DIR [STOP_SIGNAL_NUMBER]
 
-The run dir is found the way the job finds it: the last ``--run-dir`` on the command line, else
-``run_dir`` in the ``--config`` file, else the default. A job whose config did not parse writes where
-train.failures.guess_run_dir points (command line or default, no config file), so ``read`` looks
-there too, trusting that file only if it was written after START (the launch time, epoch seconds).
+prints "CODE<TAB>REASON". Order: a permanent error or a clean preemption save the job recorded; a
+worker's death by signal that torchrun saw (128 + N: retryable); any other record of the job; the
+stop signal the launcher passed on (128 + N); else 144 - nothing says why, so it counts as
+retryable, like every unknown failure. Standard library only: it runs in milliseconds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import re
+import signal
 import sys
-import time
-import tomllib
 from pathlib import Path
 
-STATUS_FILE = "exit_status.json"
-DEFAULT_RUN_DIR = "runs/default"  # train.config.Config.run_dir (a unit test keeps the two equal)
-CLOCK_SLACK_S = 2.0  # a fallback file may come from another node whose clock is a little behind
+EXIT_CRASH = 144  # train/errors.py: unknown, retryable (a unit test keeps the two equal)
 
 
-def _cli_value(args: list[str], names: tuple[str, ...]) -> str | None:
-    value = None
-    for i, arg in enumerate(args):
-        if arg in names and i + 1 < len(args):
-            value = args[i + 1]
-        for name in names:
-            if arg.startswith(name + "="):
-                value = arg.split("=", 1)[1]
-    return value
-
-
-def _config_run_dir(path: str) -> str | None:
+def _json(path: str) -> dict | None:
     try:
-        text = Path(path).read_text()
-        raw = tomllib.loads(text) if path.endswith(".toml") else json.loads(text)
+        data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return None  # the job reports a bad config file itself
-    if not isinstance(raw, dict):
         return None
-    value = raw.get("run_dir", raw.get("run-dir"))
-    return value if isinstance(value, str) else None
+    return data if isinstance(data, dict) else None
 
 
-def run_dirs(args: list[str]) -> list[str]:
-    """[where a parsed config puts the run, where a job that could not parse it reports], deduplicated."""
-    cli = _cli_value(args, ("--run-dir", "--run_dir"))
-    config = _cli_value(args, ("--config",))
-    primary = cli or (config and _config_run_dir(config)) or DEFAULT_RUN_DIR
-    fallback = cli or DEFAULT_RUN_DIR
-    return [primary] if fallback == primary else [primary, fallback]
-
-
-def _read(path: Path, not_before: float | None) -> tuple[int, str] | None:
+def job_record(path: str) -> tuple[int, str, bool] | None:
+    data = _json(path)
     try:
-        data = json.loads(path.read_text())
-        code = int(data["code"])
-        written = float(data.get("time", path.stat().st_mtime))
-    except (OSError, ValueError, TypeError, KeyError):
+        code = int(data["code"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
         return None
-    if not 0 <= code <= 255 or (not_before is not None and written < not_before - CLOCK_SLACK_S):
+    if not 0 <= code <= 255:
         return None
-    return code, " ".join(str(data.get("reason", "")).split())
+    return code, " ".join(str(data.get("reason", "")).split()), bool(data.get("secondary"))  # type: ignore[union-attr]
 
 
-def read(start: float, args: list[str]) -> tuple[int, str] | None:
-    primary, *fallback = run_dirs(args)
-    found = _read(Path(primary) / STATUS_FILE, None)  # cleared before the launch: anything here is new
-    for run_dir in fallback:
-        found = found or _read(Path(run_dir) / STATUS_FILE, start)
-    return found
+def agent_record(records: str) -> tuple[int, str] | None:
+    """(128 + N, why) if torchrun saw a worker die of signal N that torchrun itself did not send
+    (when stopping the other workers of a failed group); SIGKILL first, if several."""
+    text = ""
+    for name in ("agent-error.json", "torchrun.err"):
+        with contextlib.suppress(OSError):
+            text += (Path(records) / name).read_text(errors="replace")
+    stopped_by_torchrun = set(re.findall(r"Sending process (\d+) closing signal", text))
+    deaths = re.findall(r"Signal (\d+) \((SIG\w+)\) received by PID (\d+)", text)
+    found = {(int(n), name) for n, name, pid in deaths if pid not in stopped_by_torchrun}
+    if not found:
+        return None
+    number, name = max(found, key=lambda f: (f[0] == signal.SIGKILL, f[0]))
+    why = f"a worker died of {name}"
+    if number == signal.SIGKILL:
+        why += " (out of memory? the kernel's OOM killer sends SIGKILL: check dmesg)"
+    return 128 + number, why
 
 
-def clear(args: list[str]) -> None:
-    with contextlib.suppress(OSError):  # an unwritable run dir: the job itself reports it (exit 5)
-        (Path(run_dirs(args)[0]) / STATUS_FILE).unlink(missing_ok=True)
+def decide(status_file: str, records: str, stop_signal: int | None) -> tuple[int, str]:
+    job = job_record(status_file)
+    if job is not None and not job[2] and (1 <= job[0] <= 127 or job[0] in (0, 143)):
+        return job[0], job[1]
+    agent = agent_record(records)
+    if agent is not None:
+        return agent
+    if job is not None:
+        return job[0], job[1]
+    if stop_signal:
+        return 128 + stop_signal, f"stopped by signal {stop_signal} before the job reported a status"
+    return EXIT_CRASH, "the job reported no status and torchrun saw no signal (unknown: retryable)"
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["clear"]:
-        clear(argv[1:])
-        return 0
-    if argv[:1] == ["read"] and len(argv) >= 2:
-        try:
-            start = float(argv[1].replace(",", "."))  # $EPOCHREALTIME uses the locale's decimal mark
-        except ValueError:
-            start = time.time()
-        found = read(start, argv[2:])
-        if found:
-            print(f"{found[0]}\t{found[1]}")
+    if argv[:1] == ["read"] and len(argv) >= 3:
+        stop = int(argv[3]) if len(argv) > 3 and argv[3].isdigit() else None
+        code, reason = decide(argv[1], argv[2], stop)
+        print(f"{code}\t{reason}")
         return 0
     print(__doc__, file=sys.stderr)
     return 2

@@ -20,10 +20,13 @@
 #                    before it kills them (default here 90; torchrun's own default is 30)
 #   TORCHRUN, PYTHON the executables (default: this repository's .venv if it has one, else PATH)
 #
-# Exit code: 0 when torchrun succeeds. Otherwise torchrun says only 1, so the job's own account in
-# <run-dir>/exit_status.json decides: 1-127 permanent (2 config, 3 data, 4 incompatible checkpoint,
-# 5 run dir), 142 hang, 143 preempted and saved (see train/errors.py). Without that file: 128+N after
-# this launcher got stop signal N (retryable), else torchrun's own code.
+# Exit code: 0 when torchrun succeeds. Otherwise torchrun says only 1, so the job's own account (a
+# status file in a private directory of this launcher, FTJOB_STATUS_FILE) and torchrun's record of
+# the first failed worker (TORCHELASTIC_ERROR_FILE, beside it) decide, see launch/exit_status.py:
+# 1-127 permanent (2 config, 3 data, 4 incompatible checkpoint, 5 run dir, 6 disk full), 128-255
+# retryable (137 a worker was SIGKILLed - OOM?, 142 hang, 143 preempted and saved, 144 unknown
+# crash, 145 a peer failed, 146 collective timeout, 147 checkpoint storage failing or hung; 128+N
+# after this launcher got stop signal N and the job said nothing). See train/errors.py.
 #
 # SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (and SIGHUP, sent on as SIGTERM) are passed to torchrun, which
 # passes them to the workers: they save at the next step boundary and exit 143. The first stop
@@ -66,8 +69,11 @@ read -r -a extra <<<"${TORCHRUN_ARGS:-}"
 cmd=("$TORCHRUN" "${rdzv[@]}" --nproc_per_node="${NPROC:-2}" --max-restarts="${MAX_RESTARTS:-3}"
     "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2" ${extra[@]+"${extra[@]}"} "$repo/train/main.py" "$@")
 
-"$PYTHON" "$here/exit_status.py" clear "$@"
-start=${EPOCHREALTIME:-$(date +%s)}
+# Per launch and per node: records of another node, or of an earlier launch, are never read.
+records=$(mktemp -d "${TMPDIR:-/tmp}/ftjob-launch.XXXXXX")
+trap 'rm -rf "$records"' EXIT
+export FTJOB_STATUS_FILE=${FTJOB_STATUS_FILE:-$records/status.json}
+export TORCHELASTIC_ERROR_FILE=$records/agent-error.json
 
 stop_sig=""     # the first stop signal this launcher received
 forwarded=0     # whether it reached torchrun
@@ -117,7 +123,9 @@ trap 'on_signal TERM || :' HUP
 # Job control puts torchrun in a process group of its own: a Ctrl-C at the terminal reaches this
 # script only, which passes it on once (torchrun would otherwise get it twice).
 set -m
-"${cmd[@]}" &
+# A copy of torchrun's stderr: its closing summary is the only witness of a worker that died of a
+# signal (the OOM killer's SIGKILL) while its peers only saw the connection drop.
+"${cmd[@]}" 2> >(tee "$records/torchrun.err" >&2) &
 child=$!
 set +m
 if [[ -n $stop_sig ]] && ((!forwarded)); then  # it came while torchrun was being started
@@ -144,17 +152,15 @@ fi
 if ((rc == 0)); then
     exit 0
 fi
-status=$("$PYTHON" "$here/exit_status.py" read "$start" "$@" || true)
+stop_number=""
+if [[ -n $stop_sig ]]; then stop_number=$(kill -l "$stop_sig"); fi
+for _ in 1 2 3 4 5 6 7 8 9 10; do  # tee may still be copying the summary
+    grep -q "Root Cause" "$records/torchrun.err" 2>/dev/null && break
+    sleep 0.1
+done
+status=$("$PYTHON" "$here/exit_status.py" read "$FTJOB_STATUS_FILE" "$records" "$stop_number" ||
+    printf '%s\t%s' 144 "no status could be read (unknown: retryable)")
 code=${status%%$'\t'*}
 reason=${status#*$'\t'}
-if [[ -n $status && $code != 0 ]]; then
-    echo "launch: torchrun exited $rc; the job reported exit $code ($reason)" >&2
-    exit "$code"
-fi
-if [[ -n $stop_sig ]]; then
-    code=$((128 + $(kill -l "$stop_sig")))
-    echo "launch: torchrun exited $rc after SIG$stop_sig and the job reported no status; exit $code" >&2
-    exit "$code"
-fi
-echo "launch: torchrun exited $rc; the job reported no status (crash?); exit $rc" >&2
-exit "$rc"
+echo "launch: torchrun exited $rc; exit $code: $reason" >&2
+exit "$code"

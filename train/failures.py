@@ -150,12 +150,16 @@ def permanent(error: PermanentError, run_dir: str | None) -> int:
     return code
 
 
-def crashed(error: BaseException, run_dir: str | None) -> int:
-    """Record an exception nothing else handled; return the retryable code it maps to."""
-    code, secondary = classify_exception(error)
+def one_line(error: BaseException) -> str:
     first = (str(error).strip().splitlines() or [""])[0][:300]
-    record_exit(run_dir, code, f"{type(error).__name__}: {first}", secondary=secondary)
-    return code
+    return f"{type(error).__name__}: {first}"
+
+
+def crashed(error: BaseException, run_dir: str | None) -> tuple[int, bool]:
+    """Record an exception nothing else handled; return (its code, whether it is secondary)."""
+    code, secondary = classify_exception(error)
+    record_exit(run_dir, code, one_line(error), secondary=secondary)
+    return code, secondary
 
 
 def classify_exception(error: BaseException) -> tuple[int, bool]:

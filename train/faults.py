@@ -16,6 +16,8 @@ FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
 
 Every fault fires only on the first attempt (``restart=0``) unless it says otherwise
 (``restart=N``, or ``restart=any``), so an injected crash does not turn into a crash loop.
+``once=PATH`` fires a fault only if PATH does not exist yet (and creates it): once per run across
+requeues, where torchrun's restart count starts from 0 again.
 """
 
 from __future__ import annotations
@@ -62,11 +64,19 @@ def _matches(fault: dict[str, str], **ctx: int | str) -> bool:
         "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
     }
     for key, want in fault.items():
-        if key in ("kind", "ms") or want == "any":
+        if key in ("kind", "ms", "once") or want == "any":
             continue
         have = ctx.get(key, _context.get(key, env.get(key)))
         if have is None or str(have) != want:
             return False
+    return "once" not in fault or _first_time(fault["once"])  # claimed only when it fires
+
+
+def _first_time(marker: str) -> bool:
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
     return True
 
 

@@ -59,9 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         return failures.permanent(e, run_dir or failures.guess_run_dir(argv))
     except SystemExit:
         raise  # --help, or tyro's own exit
-    except BaseException as e:  # every ending gets a status; @record still writes torchrun's error file
-        e.ftjob_exit_code = failures.crashed(e, run_dir or failures.guess_run_dir(argv))  # type: ignore[attr-defined]
-        raise
+    except BaseException as e:  # every ending gets a status
+        code, secondary = failures.crashed(e, run_dir or failures.guess_run_dir(argv))
+        if secondary:
+            # Another rank failed first. One line, and no torchrun error file: torchrun would take
+            # this rank's (earlier-stamped) file for the root cause and hide, e.g., a peer's SIGKILL.
+            log.error("%s; exit %d (retryable)", failures.one_line(e), code)
+            return code
+        e.ftjob_exit_code = code  # type: ignore[attr-defined]
+        raise  # @record writes torchrun's error file with the traceback
 
 
 def set_deterministic() -> None:

@@ -12,7 +12,8 @@ import logging
 from pathlib import Path
 
 from train import comm
-from train.ckpt.manager import CheckpointManager
+from train.ckpt.manager import CheckpointManager, Loaded
+from train.ckpt.manifest import Problem
 from train.dist import DistEnv
 from train.errors import IncompatibleCheckpointError
 from train.state import TrainState
@@ -33,11 +34,22 @@ def last_logged_step(metrics_file: Path) -> int:
     return last
 
 
-def _decide(manager: CheckpointManager, fingerprint: str, run_dir: Path) -> tuple[dict, dict[str, bytes]]:
+def _decide(
+    manager: CheckpointManager, state: TrainState, fingerprint: str, run_dir: Path
+) -> tuple[dict, dict[str, bytes]]:
     removed = manager.storage.clean_temporaries()
     if removed:
         log.info("removed %d leftover temporary checkpoint dir(s) from an interrupted write", len(removed))
-    loaded = manager.load_latest()
+
+    def fits(loaded: Loaded) -> None:
+        if loaded.manifest.get("fingerprint") != fingerprint:
+            return  # another model's checkpoint: a permanent error below, not a reason to fall back
+        try:
+            state.check(loaded.objects)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise Problem(f"its contents do not fit this job ({e})") from None
+
+    loaded = manager.load_latest(validate=fits)
     if loaded is None:
         return {"status": "none"}, {}
     if loaded.manifest.get("fingerprint") != fingerprint:
@@ -63,7 +75,9 @@ def _decide(manager: CheckpointManager, fingerprint: str, run_dir: Path) -> tupl
 def resume(manager: CheckpointManager, state: TrainState, env: DistEnv, fingerprint: str) -> dict | None:
     """Restore ``state`` from the newest valid checkpoint; return what the resume row logs, or None."""
     header, blobs = (
-        _decide(manager, fingerprint, Path(manager.storage.location("")).parent) if env.is_main else ({}, {})
+        _decide(manager, state, fingerprint, Path(manager.storage.location("")).parent)
+        if env.is_main
+        else ({}, {})
     )
     header = json.loads(
         comm.broadcast_bytes(json.dumps(header).encode() if env.is_main else None, env.device)

@@ -27,6 +27,7 @@ log = logging.getLogger("train")
 CPU = torch.device("cpu")
 
 MODEL_FILE, OPTIM_FILE, TRAIN_FILE = "model.safetensors", "optim.safetensors", "train.safetensors"
+CKPT_FILES = frozenset({MODEL_FILE, OPTIM_FILE, TRAIN_FILE})  # exactly these, in every checkpoint
 
 
 class Stager:
@@ -118,6 +119,41 @@ class TrainState:
             return {**files, TRAIN_FILE: small}
 
         return copy_tensors
+
+    def check(self, objects: dict[str, Any]) -> None:
+        """Raise ValueError unless decoded checkpoint files fit this state, without touching it:
+        a checkpoint whose checksums pass may still have been written by something else, and a
+        half-done restore of it could not be undone."""
+        weights, optim, train = objects[MODEL_FILE], objects[OPTIM_FILE], objects[TRAIN_FILE]
+        mine = self.model.state_dict()
+        if not isinstance(optim, dict):
+            raise ValueError(f"{OPTIM_FILE} holds no optimizer state")
+        if not isinstance(weights, dict) or weights.keys() != mine.keys():
+            raise ValueError("the weights' names differ from this model's")
+        for name, tensor in mine.items():
+            if weights[name].shape != tensor.shape or weights[name].dtype != tensor.dtype:
+                raise ValueError(
+                    f"weight {name} is {tuple(weights[name].shape)}, the model's is {tuple(tensor.shape)}"
+                )
+        groups = [len(g["params"]) for g in self.optimizer.param_groups]
+        if (
+            not isinstance(optim, dict)
+            or [len(g.get("params", ())) for g in optim.get("param_groups", ())] != groups
+        ):
+            raise ValueError("the optimizer's parameter groups differ")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for index, per_param in optim.get("state", {}).items():
+            for key, value in per_param.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim()
+                    and value.shape != params[int(index)].shape
+                ):
+                    raise ValueError(f"optimizer state {key} of parameter {index} has the wrong shape")
+        if not isinstance(train, dict) or not {"step", "scheduler", "sampler", "rng"} <= train.keys():
+            raise ValueError(f"{TRAIN_FILE} lacks step, scheduler, sampler or rng state")
+        if not train["rng"]:
+            raise ValueError(f"{TRAIN_FILE} holds no RNG state")
 
     def restore(
         self, blobs: dict[str, bytes], rank: int, world_size: int, device: torch.device = CPU

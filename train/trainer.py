@@ -25,7 +25,7 @@ from train.metrics import Metrics
 from train.resume import resume
 from train.sampler import BatchPlan, GlobalSampler, plan_batches
 from train.saving import SavePolicy
-from train.state import TrainState
+from train.state import CKPT_FILES, TrainState
 from train.task import Task, collate, load_task
 from train.watchdog import Watchdog
 
@@ -147,7 +147,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.optim, cfg.max_steps))
     state = TrainState(task.model, optimizer, scheduler, GlobalSampler(len(task.train_data), cfg.seed))
 
-    manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=cfg.ckpt.keep)
+    manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=cfg.ckpt.keep, files=CKPT_FILES)
     resumed = resume(manager, state, env, fingerprint)
     model = (
         DDP(task.model, device_ids=[env.device] if env.device.type == "cuda" else None)

@@ -309,8 +309,10 @@ def test_keep_1_never_deletes_the_previous_checkpoint_when_the_new_one_is_bad(tm
     save_steps(m, 1)
     real_read = LocalStorage.read
 
-    def read(self, name, file, on_chunk=None):  # the new checkpoint reads back wrong, unseen by on_chunk
-        data = real_read(self, name, file)
+    def read(
+        self, name, file, on_chunk=None, **how
+    ):  # the new checkpoint reads back wrong, unseen by on_chunk
+        data = real_read(self, name, file, **how)
         return data[:-1] if name == "step_00000002" and file == "optim.pt" else data
 
     monkeypatch.setattr(LocalStorage, "read", read)

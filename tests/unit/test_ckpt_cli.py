@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.ckpt import manifest as mf
 from train.ckpt.__main__ import main
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
@@ -80,3 +81,19 @@ def test_clear_errors(run_dir: Path, tmp_path: Path, capsys, args: list[str], me
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_verify_reports_a_checkpoint_that_does_not_deserialise(run_dir: Path, capsys) -> None:
+    step_dir = run_dir / "checkpoints" / "step_00000020"
+    garbage = b"\x00" * 64  # checksummed by its manifest, yet no safetensors file
+    (step_dir / "model.safetensors").write_bytes(garbage)
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    manifest["files"]["model.safetensors"] = {"size": len(garbage), "xxh3_64": mf.checksum(garbage)}
+    manifest["time"] = 1e300  # nor does a time out of range break ls
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["ls", str(run_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["20", "0.00MB", "-"]
+    assert main(["verify", str(run_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "step_00000020: INVALID: model.safetensors does not deserialise" in out
+    assert "step_00000010: ok" in out

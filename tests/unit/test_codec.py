@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import pickle
 import random
 
 import pytest
 import safetensors.torch
 import torch
 
-from train.ckpt.codec import deserialize, serialize
+from train.ckpt.codec import SKELETON, deserialize, serialize
 
 
 def test_optimizer_state_round_trips_exactly(tmp_path):
@@ -68,3 +70,76 @@ def test_objects_that_are_not_data_are_refused():
 
     with pytest.raises(TypeError, match="cannot store Code"):
         serialize("train.safetensors", {"x": Code()})
+
+
+# -- a file is parsed as untrusted input ----------------------------------------------------------
+
+
+def _blob(header: object, data: bytes = b"", raw_header: bytes | None = None) -> bytes:
+    text = raw_header if raw_header is not None else json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def _t(dtype: str, shape: list, start: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+
+
+def _skeleton(node: object) -> bytes:
+    return _blob({"__metadata__": {SKELETON: json.dumps(node)}, "/x": _t("F32", [1], 0, 4)}, bytes(4))
+
+
+MALFORMED = {
+    "shorter than a header": b"\x01\x00",
+    "header length past the end": (10**6).to_bytes(8, "little") + b"{}",
+    "header length huge": (2**63).to_bytes(8, "little") + b"{}",
+    "header not JSON": _blob(None, raw_header=b"\xff{not json"),
+    "header a list": _blob([1, 2]),
+    "entry not an object": _blob({"w": [1]}),
+    "unknown dtype": _blob({"w": _t("C64", [1], 0, 8)}, bytes(8)),
+    "dtype not a string": _blob({"w": {**_t("F32", [1], 0, 4), "dtype": ["F32"]}}, bytes(4)),
+    "offsets past the data": _blob({"w": _t("F32", [4], 0, 16)}, bytes(8)),
+    "offsets reversed": _blob({"w": _t("U8", [0], 4, 0)}, bytes(4)),
+    "offsets overlap": _blob({"a": _t("F32", [2], 0, 8), "b": _t("F32", [2], 4, 12)}, bytes(12)),
+    "gap between tensors": _blob({"a": _t("F32", [1], 0, 4), "b": _t("F32", [1], 8, 12)}, bytes(12)),
+    "trailing bytes": _blob({"a": _t("F32", [1], 0, 4)}, bytes(8)),
+    "shape does not fit the bytes": _blob({"w": _t("F32", [3], 0, 8)}, bytes(8)),
+    "negative dimension": _blob({"w": _t("F32", [-1, -2], 0, 8)}, bytes(8)),
+    "boolean offsets": _blob({"w": _t("U8", [1], 0, 1) | {"data_offsets": [False, True]}}, bytes(1)),
+    "metadata not strings": _blob({"__metadata__": {SKELETON: {"v": 1}}}),
+    "skeleton names a missing tensor": _skeleton({"t": "/nope"}),
+    "skeleton node with two keys": _skeleton({"t": "/x", "v": 1}),
+    "skeleton dict of non-pairs": _skeleton({"d": [1, 2]}),
+    "skeleton unknown kind": _skeleton({"z": 1}),
+    "skeleton value not a scalar": _skeleton({"v": {"a": 1}}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_safetensors_are_refused(name):
+    with pytest.raises(ValueError):
+        deserialize("model.safetensors", MALFORMED[name])
+
+
+def test_well_formed_edge_cases_still_load():
+    empty = _blob({})
+    assert deserialize("model.safetensors", empty) == {}
+    zero = _blob({"z": _t("F32", [0, 3], 0, 0), "a": _t("I64", [1], 0, 8)}, (7).to_bytes(8, "little"))
+    back = deserialize("model.safetensors", zero)
+    assert back["z"].shape == (0, 3) and back["a"].item() == 7
+    state = {"a": torch.arange(5, dtype=torch.int16), "b": torch.ones(2, 2, dtype=torch.bfloat16)}
+    assert all(
+        torch.equal(deserialize("m.safetensors", serialize("m.safetensors", state))[k], state[k])
+        for k in state
+    )
+
+
+def test_pt_files_load_weights_only(tmp_path):
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with pytest.raises(pickle.UnpicklingError):
+        deserialize("train.pt", serialize("train.pt", {"x": Payload()}))
+    assert not marker.exists()

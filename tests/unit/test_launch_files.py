@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_args
 
-from train import failures
-from train.config import Config
+from train import errors, failures
 
 LAUNCH = REPO / "launch"
 LOCAL_SH = LAUNCH / "local.sh"
@@ -137,15 +136,28 @@ def test_k8s_job_exit_code_policy() -> None:
     assert int(env["NNODES"]) == job["spec"]["completions"] == job["spec"]["parallelism"]
 
 
-def test_exit_status_helper_finds_the_run_dir_like_the_job(tmp_path: Path) -> None:
+def test_exit_status_helper_prefers_the_root_cause(tmp_path: Path) -> None:
     module = load_exit_status_module()
-    assert Config().run_dir == module.DEFAULT_RUN_DIR
-    assert module.run_dirs([]) == [module.DEFAULT_RUN_DIR]
-    assert module.run_dirs(["--run-dir", "a", "--run-dir=b"]) == ["b"]
-    config = tmp_path / "c.toml"
-    config.write_text('run_dir = "from-config"\n')
-    assert module.run_dirs(["--config", str(config)]) == ["from-config", module.DEFAULT_RUN_DIR]
-    assert module.run_dirs(["--config", str(config), "--run-dir", "cli"]) == ["cli"]
+    assert module.EXIT_CRASH == errors.EXIT_CRASH
+    job, agent = tmp_path / "status.json", tmp_path / "agent-error.json"
+    assert module.decide(str(job), str(tmp_path), None)[0] == errors.EXIT_CRASH  # nothing known: retryable
+    assert module.decide(str(job), str(tmp_path), signal.SIGTERM)[0] == 128 + signal.SIGTERM
+    # torchrun's record of a worker the OOM killer took (what record_exception writes for it)
+    agent.write_text(json.dumps({"message": {"message": "ChildFailedError: ... exitcode  : -9 (pid: 7) "
+                                             "... Signal 9 (SIGKILL) received by PID 7"}}))  # fmt: skip
+    job.write_text(json.dumps({"code": 145, "reason": "peer lost", "secondary": True}))
+    code, why = module.decide(str(job), str(tmp_path), None)
+    assert code == errors.EXIT_KILLED and "SIGKILL" in why and "out of memory" in why
+    job.write_text(json.dumps({"code": 4, "reason": "other model", "secondary": False}))
+    assert module.decide(str(job), str(tmp_path), None) == (4, "other model")  # a permanent error wins
+    agent.unlink()
+    job.write_text(json.dumps({"code": 145, "reason": "peer lost", "secondary": True}))
+    assert module.decide(str(job), str(tmp_path), None) == (145, "peer lost")
+    # A worker that torchrun itself had to kill while stopping a failed group is no root cause.
+    (tmp_path / "torchrun.err").write_text(
+        "Sending process 8 closing signal SIGTERM\n... traceback : Signal 9 (SIGKILL) received by PID 8\n"
+    )
+    assert module.decide(str(job), str(tmp_path), None) == (145, "peer lost")
 
 
 # --- launch/local.sh with a stand-in torchrun: the exit-code mapping alone, in milliseconds ---------
@@ -155,10 +167,10 @@ printf '%s\n' "$@" > "$FAKE_ARGS"
 case $FAKE_MODE in
     ok) exit 0 ;;
     crash) exit 1 ;;
-    data_error) printf '{"code": 3, "reason": "no data"}' > "$FAKE_RUN_DIR/exit_status.json"; exit 1 ;;
+    data_error) printf '{"code": 3, "reason": "no data"}' > "$FTJOB_STATUS_FILE"; exit 1 ;;
     wait_for_term) sleep 30 & trap 'kill $!; exit 1' TERM; touch "$FAKE_RUN_DIR/started"; wait; exit 1 ;;
     leave_worker)  # exits at once on SIGTERM, as torchrun does when signalled again and again
-        (sleep 1.5; printf '{"code": 143, "reason": "saved"}' > "$FAKE_RUN_DIR/exit_status.json") &
+        (sleep 1.5; printf '{"code": 143, "reason": "saved"}' > "$FTJOB_STATUS_FILE") &
         trap 'exit 1' TERM; touch "$FAKE_RUN_DIR/started"; wait; exit 1 ;;
 esac
 """
@@ -227,7 +239,8 @@ def test_local_sh_exits_with_the_jobs_code_not_torchruns(tmp_path: Path) -> None
 def test_local_sh_ignores_a_previous_runs_status(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "exit_status.json").write_text('{"code": 143, "reason": "old"}')
-    assert run_local_sh_fake(tmp_path, "crash")[0] == 1  # not 143: that file was from before
+    # not 143: that file was from before; no status from this launch is unknown, so retryable
+    assert run_local_sh_fake(tmp_path, "crash")[0] == errors.EXIT_CRASH
     assert run_local_sh_fake(tmp_path, "ok")[0] == 0
 
 

@@ -36,7 +36,10 @@ def _manager(run_dir: str) -> CheckpointManager:
 
 
 def _when(t: float | None) -> str:
-    return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds") if t else "-"
+    try:
+        return datetime.datetime.fromtimestamp(t).isoformat(timespec="seconds") if t else "-"
+    except (OverflowError, OSError, ValueError):  # a manifest's time is whatever its writer put
+        return "-"
 
 
 def ls(run_dir: Dir, /) -> int:
@@ -50,7 +53,8 @@ def ls(run_dir: Dir, /) -> int:
 
 
 def verify(run_dir: Dir, /) -> int:
-    """Check every checkpoint's sizes and checksums. Exit 0 only if the newest one is valid."""
+    """Check every checkpoint's sizes and checksums and that its files deserialise. Exit 0 only if
+    the newest one is valid."""
     infos = _manager(run_dir).list(deep=True)
     for i in infos:
         print(f"{i.name}: {'ok' if i.valid else 'INVALID: ' + i.reason}")

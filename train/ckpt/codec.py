@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from typing import Any
 
 import safetensors
@@ -34,16 +35,32 @@ def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
     raise TypeError(f"cannot store {type(obj).__name__} at {path or '/'} in a checkpoint")
 
 
-def _unflatten(node: dict, tensors: dict[str, torch.Tensor]) -> Any:
+_SCALARS = (type(None), bool, int, float, str)
+
+
+def _unflatten(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    # The skeleton is read from the file: every node is checked, as it would be by a parser.
+    if not isinstance(node, dict) or len(node) != 1:
+        raise ValueError(f"skeleton node {str(node)[:60]} is not a one-key object")
     ((kind, value),) = node.items()
     if kind == "t":
+        if not isinstance(value, str) or value not in tensors:
+            raise ValueError(f"skeleton refers to a tensor {str(value)[:60]!r} the file does not hold")
         return tensors[value]
     if kind == "d":
+        if not isinstance(value, list) or not all(
+            isinstance(p, list) and len(p) == 2 and isinstance(p[0], _SCALARS) for p in value
+        ):
+            raise ValueError("skeleton dict is not a list of [key, node] pairs")
         return {k: _unflatten(v, tensors) for k, v in value}
     if kind in ("l", "u"):
+        if not isinstance(value, list):
+            raise ValueError("skeleton list is not a list")
         items = [_unflatten(v, tensors) for v in value]
         return items if kind == "l" else tuple(items)
-    return value
+    if kind == "v" and isinstance(value, _SCALARS):
+        return value
+    raise ValueError(f"unknown skeleton node {str(kind)[:20]!r}")
 
 
 def _is_flat(obj: Any) -> bool:
@@ -80,24 +97,75 @@ _DTYPES = {
 }
 
 
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def _header(data: bytearray | memoryview) -> tuple[dict, dict, int]:
+    """(tensor entries, metadata, where the data section starts); ValueError unless well-formed."""
+    if len(data) < 8:
+        raise ValueError(f"{len(data)} bytes: too short for a safetensors header")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > min(len(data) - 8, _MAX_HEADER):
+        raise ValueError(f"header length {header_len} does not fit in {len(data)} bytes")
+    try:
+        header = json.loads(bytes(data[8 : 8 + header_len]))
+    except (ValueError, RecursionError):
+        raise ValueError("header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("header metadata is not a map of strings")
+    return header, metadata, 8 + header_len
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_dim(x: object) -> bool:
+    return _is_int(x) and 0 <= x < 1 << 63
+
+
 def _tensors_over(data: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a safetensors blob as views of ``data``: no copy (it must be writable,
-    since optimizer state loaded this way is updated in place)."""
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(bytes(data[8 : 8 + header_len]))
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + header_len
-    tensors = {}
+    since optimizer state loaded this way is updated in place). As strict as safetensors itself:
+    the tensors tile the data section exactly, in order, so none overlaps another or reads outside."""
+    header, metadata, base = _header(data)
+    entries = []
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
+        if not isinstance(info, dict):
+            raise ValueError(f"tensor {name[:60]!r}: entry is not an object")
+        dtype = _DTYPES.get(info["dtype"]) if isinstance(info.get("dtype"), str) else None
+        shape, offsets = info.get("shape"), info.get("data_offsets")
+        if dtype is None:
+            raise ValueError(f"tensor {name[:60]!r}: unknown dtype {str(info.get('dtype'))[:20]!r}")
+        # Bounded like torch's own sizes, so that checking the product below stays cheap.
+        if not (isinstance(shape, list) and len(shape) <= 64 and all(_is_dim(d) for d in shape)):
+            raise ValueError(f"tensor {name[:60]!r}: shape is not a list of sizes")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
+            raise ValueError(f"tensor {name[:60]!r}: data_offsets is not [start, end]")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    at, size = 0, len(data) - base
+    for start, end, name, dtype, shape in sorted(entries, key=lambda e: e[:2]):
+        if start != at or end < start or end > size:
+            raise ValueError(f"tensor {name[:60]!r}: data_offsets [{start}, {end}] out of order or range")
+        if math.prod(shape) * dtype.itemsize != end - start:
+            raise ValueError(
+                f"tensor {name[:60]!r}: shape {str(shape)[:60]} does not take {end - start} bytes"
+            )
+        at = end
+    if at != size:
+        raise ValueError(f"tensors cover {at} of the {size} bytes of data")
+    tensors = {}
+    for start, end, name, dtype, shape in entries:
         count = (end - start) // dtype.itemsize
         flat = (
             torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
             if count
             else torch.empty(0, dtype=dtype)
         )
-        tensors[name] = flat.view(info["shape"])
+        tensors[name] = flat.view(shape)
     return tensors, metadata
 
 

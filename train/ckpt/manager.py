@@ -6,18 +6,28 @@ each file's size and checksum). Rules that hold on every path, failures included
   step is written again, not deleted;
 - older checkpoints (valid or not) are deleted only once ``keep`` newer ones are committed *and*
   verified;
+- set-aside checkpoints (``step_<8 digits>.invalid-<time>-<id>``) are pruned by the same retention
+  pass: the newest ``keep`` of them (by step, then name) are kept, and any whose step is older
+  than the oldest valid checkpoint kept is deleted, so they can never fill the disk;
 - loading walks from the newest down and skips (with a warning) whatever does not verify.
+
+"Verifies" means, for checkpoints read back (somebody else may have written or changed them): the
+manifest parses and lists only plain file names (``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}``, no
+``manifest.json``, no duplicates; exactly ``files``, if the manager was given them), every file is a
+regular file of the listed size and checksum, and every file deserialises. A checkpoint that
+``load_latest``'s ``validate`` rejects counts as invalid too, in this process.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from train import faults
 from train.ckpt import manifest as mf
-from train.ckpt.storage import Storage
+from train.ckpt.storage import INVALID_TAG, Storage, Unreadable
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +48,32 @@ class Loaded:
     name: str
     location: str
     manifest: dict
-    blobs: dict[str, bytes | memoryview]
+    blobs: dict[str, bytes | memoryview]  # as read: what ranks broadcast
     skipped: list[tuple[str, str]]  # newer checkpoints that did not verify, and why
+    objects: dict[str, Any] = field(default_factory=dict)  # each blob deserialised (views of it)
+
+
+def decode(blobs: dict[str, bytes | memoryview]) -> dict[str, Any]:
+    """Every file deserialised; manifest.Problem if one does not (checksums prove who wrote a file
+    only as far as the manifest can be trusted)."""
+    objects = {}
+    for file, data in blobs.items():
+        try:
+            objects[file] = mf.deserialize(file, data)
+        except Exception as e:
+            first = next(iter(str(e).strip().splitlines()), "") or type(e).__name__
+            raise mf.Problem(f"{file} does not deserialise: {first[:200]}") from None
+    return objects
 
 
 class CheckpointManager:
-    def __init__(self, storage: Storage, keep: int):
+    def __init__(self, storage: Storage, keep: int, files: Iterable[str] | None = None):
+        """``files``: the names every checkpoint must hold, exactly (None: whatever it lists)."""
         if keep < 1:
             raise ValueError("keep must be >= 1")
+        self.files = None if files is None else frozenset(files)
+        if self.files is not None and not (self.files and all(map(mf.plain_file_name, self.files))):
+            raise ValueError(f"files must be plain file names other than {mf.MANIFEST}: {sorted(self.files)}")
         self.storage, self.keep = storage, keep
         self._verified: set[str] = set()
         self._failed: dict[str, str] = {}
@@ -55,39 +83,58 @@ class CheckpointManager:
         found = ((mf.step_of(n), n) for n in self.storage.names())
         return sorted(((s, n) for s, n in found if s is not None), reverse=True)
 
+    def _read(self, name: str, file: str, **how: Any) -> bytes | memoryview:
+        """storage.read(), with a file refused unread as manifest.Problem."""
+        try:
+            return self.storage.read(name, file, **how)
+        except Unreadable as e:
+            if e.actual is not None and how.get("size") is not None:
+                raise mf.Problem(
+                    f"{file}: {e.actual} bytes, manifest says {how['size']} (truncated or torn)"
+                ) from None
+            raise mf.Problem(f"{file}: {e}") from None
+
     def _manifest(self, name: str) -> dict:
         step = mf.step_of(name)
         try:
-            raw = bytes(self.storage.read(name, mf.MANIFEST))
+            raw = bytes(self._read(name, mf.MANIFEST, limit=mf.MANIFEST_LIMIT))
         except FileNotFoundError:
             raw = None
-        return mf.parse(raw, step if step is not None else -1)
+        return mf.parse(raw, step if step is not None else -1, self.files)
 
     def read_verified(self, name: str) -> tuple[dict, dict[str, bytes]]:
         """All of a checkpoint's bytes, checked against its manifest; raises manifest.Problem."""
         manifest = self._manifest(name)
         blobs = {}
-        for file in manifest["files"]:
+        for file, entry in manifest["files"].items():
             hashing = mf.BackgroundChecksum()
             try:
-                data = self.storage.read(name, file, on_chunk=hashing.feed)
+                data = self._read(name, file, on_chunk=hashing.feed, size=entry["size"])
             except FileNotFoundError:
                 raise mf.Problem(f"{file} is missing") from None
             mf.check_file(manifest, file, data, hashing)
             blobs[file] = data
-        self._verified.add(name)
         return manifest, blobs
 
+    def _record(self, name: str, problem: str) -> str:
+        if problem:
+            self._failed[name] = problem
+            self._verified.discard(name)
+        else:
+            self._verified.add(name)
+            self._failed.pop(name, None)
+        return problem
+
     def verify(self, name: str) -> str:
-        """'' if the checkpoint verifies, else why not."""
+        """'' if the checkpoint verifies (and deserialises), else why not."""
         try:
-            self.read_verified(name)
+            decode(self.read_verified(name)[1])
         except mf.Problem as p:
-            return str(p)
-        return ""
+            return self._record(name, str(p))
+        return self._record(name, "")
 
     def list(self, deep: bool = False) -> list[CkptInfo]:
-        """Newest first. ``deep`` checks checksums; otherwise manifest and sizes only."""
+        """Newest first. ``deep`` checks checksums and decodes; otherwise manifest and sizes only."""
         out = []
         for step, name in self._steps():
             reason, size, when = "", 0, None
@@ -95,7 +142,10 @@ class CheckpointManager:
                 manifest = self._manifest(name)
                 when = manifest.get("time")
                 for file, entry in manifest["files"].items():
-                    actual = self.storage.size(name, file)
+                    try:
+                        actual = self.storage.size(name, file)
+                    except Unreadable as e:
+                        raise mf.Problem(f"{file}: {e}") from None
                     size += actual or 0
                     if actual is None:
                         raise mf.Problem(f"{file} is missing")
@@ -105,23 +155,32 @@ class CheckpointManager:
                     reason = self.verify(name)
             except mf.Problem as p:
                 reason = str(p)
+            if not isinstance(when, (int, float)) or isinstance(when, bool):
+                when = None
             out.append(CkptInfo(name, step, not reason, reason, size, when))
         return out
 
-    def load_latest(self) -> Loaded | None:
+    def load_latest(self, validate: Callable[[Loaded], object] | None = None) -> Loaded | None:
+        """The newest checkpoint that verifies, deserialises and, if given, passes ``validate``
+        (which rejects one by raising manifest.Problem; any other exception propagates)."""
         skipped: list[tuple[str, str]] = []
         for step, name in self._steps():
             try:
                 manifest, blobs = self.read_verified(name)
+                location = self.storage.location(name)
+                loaded = Loaded(step, name, location, manifest, blobs, list(skipped), decode(blobs))
+                if validate is not None:
+                    validate(loaded)
             except mf.Problem as p:
                 log.warning(
                     "checkpoint %s is not usable (%s); trying the next older one",
                     self.storage.location(name),
                     p,
                 )
-                skipped.append((name, str(p)))
+                skipped.append((name, self._record(name, str(p))))
                 continue
-            return Loaded(step, name, self.storage.location(name), manifest, blobs, skipped)
+            self._record(name, "")
+            return loaded
         return None
 
     # -- writing -----------------------------------------------------------------------------
@@ -131,14 +190,23 @@ class CheckpointManager:
     def commit(self, step: int, blobs: dict[str, bytes], meta: dict[str, Any]) -> str:
         if not blobs:
             raise ValueError("refusing to commit a checkpoint with no files")
+        if not all(map(mf.plain_file_name, blobs)):
+            raise ValueError(f"refusing to commit files {sorted(blobs)}: not all are plain file names")
+        if self.files is not None and set(blobs) != self.files:
+            raise ValueError(
+                f"refusing to commit files {sorted(blobs)}: this manager expects {sorted(self.files)}"
+            )
         name = mf.name_for(step)
         faults.set_context(save_step=step)
         if name in self.storage.names():
-            if not self.verify(name):
+            # Rejected in this process (by validate, say) counts as invalid even if it verifies.
+            problem = self._failed.get(name) or self.verify(name)
+            if not problem:
                 log.info("checkpoint %s already exists and verifies; not rewriting it", name)
                 self._retain()
                 return name
             moved = self.storage.set_aside(name)
+            self._failed.pop(name, None)
             log.warning("checkpoint %s did not verify; moved it to %s before rewriting", name, moved)
         pending = self.storage.begin(name)
         try:
@@ -157,18 +225,27 @@ class CheckpointManager:
         return name
 
     def _retain(self) -> None:
-        kept = 0
-        for _, name in self._steps():
+        kept, oldest_kept = 0, None
+        for step, name in self._steps():
             if kept >= self.keep:
                 self.storage.delete(name)
             elif self._still_valid(name):
-                kept += 1
+                kept, oldest_kept = kept + 1, step
+        self._retain_set_aside(oldest_kept)
+
+    def _retain_set_aside(self, oldest_kept: int | None) -> None:
+        found = ((mf.step_of(n.partition(INVALID_TAG)[0]), n) for n in self.storage.set_aside_names())
+        aside = sorted(((s, n) for s, n in found if s is not None), reverse=True)
+        for i, (step, name) in enumerate(aside):
+            if i >= self.keep or (oldest_kept is not None and step < oldest_kept):
+                try:
+                    self.storage.delete(name)
+                except OSError as e:  # only kept for inspection: never worth failing a save over
+                    log.warning("could not delete set-aside checkpoint %s: %s", name, e)
 
     def _still_valid(self, name: str) -> bool:
         # Verify each checkpoint once per process: a newer one that failed would otherwise be read
         # in full again on every save.
         if name not in self._verified and name not in self._failed:
-            problem = self.verify(name)
-            if problem:
-                self._failed[name] = problem
+            self.verify(name)
         return name in self._verified

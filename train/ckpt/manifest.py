@@ -17,7 +17,10 @@ from train.ckpt.codec import deserialize, serialize
 FORMAT_VERSION = 1
 __all__ = ["deserialize", "serialize"]  # re-exported: the manager reads and writes through these
 MANIFEST = "manifest.json"
+MANIFEST_LIMIT = 16 << 20  # far above any real manifest; a bigger one is not ours
 _NAME = re.compile(r"step_(\d{8,})")
+# What a manifest may list: a file in the checkpoint directory itself, never a path, never hidden.
+FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 def name_for(step: int) -> str:
@@ -77,26 +80,67 @@ class Problem(Exception):
         return self.reason
 
 
-def parse(raw: bytes | None, expected_step: int) -> dict:
+def plain_file_name(file: object) -> bool:
+    # fullmatch, not match with "$": "$" also matches before a trailing newline.
+    return isinstance(file, str) and file != MANIFEST and FILE_NAME.fullmatch(file) is not None
+
+
+def _show(x: object) -> str:
+    # Untrusted values end up in log lines: keep them short.
+    text = repr(x)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # json.loads keeps the last of duplicate keys; two readers could then disagree on a manifest.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise Problem(f"manifest.json has {_show(key)} twice")
+        out[key] = value
+    return out
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse(raw: bytes | None, expected_step: int, files: frozenset[str] | set[str] | None = None) -> dict:
+    """The manifest, checked; ``files``: the exact set of files it must list, if given."""
     if raw is None:
         raise Problem("no manifest.json (incomplete write)")
+    if len(raw) > MANIFEST_LIMIT:
+        raise Problem(f"manifest.json is {len(raw)} bytes, more than a manifest may be ({MANIFEST_LIMIT})")
     try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, huge ints, deep nesting
         raise Problem("manifest.json is not valid JSON") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise Problem("manifest.json has no file list")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise Problem(f"manifest format {manifest.get('format')!r}, this build reads {FORMAT_VERSION}")
+    if not _is_int(manifest.get("format")) or manifest["format"] != FORMAT_VERSION:
+        raise Problem(f"manifest format {_show(manifest.get('format'))}, this build reads {FORMAT_VERSION}")
+    folded: set[str] = set()
     for file, entry in manifest["files"].items():
+        if not plain_file_name(file):
+            raise Problem(f"manifest.json lists {_show(file)}, which is not a plain file name")
+        if file.casefold() in folded:  # one file on a case-insensitive filesystem
+            raise Problem(f"manifest.json lists {file!r} twice")
+        folded.add(file.casefold())
         if not (
             isinstance(entry, dict)
-            and isinstance(entry.get("size"), int)
+            and _is_int(entry.get("size"))
+            and entry["size"] >= 0
             and isinstance(entry.get("xxh3_64"), str)
         ):
             raise Problem(f"manifest.json entry for {file!r} lacks size or checksum")
-    if manifest.get("step") != expected_step:
-        raise Problem(f"manifest says step {manifest.get('step')!r}, directory says {expected_step}")
+    if not _is_int(manifest.get("step")) or manifest["step"] != expected_step:
+        raise Problem(f"manifest says step {_show(manifest.get('step'))}, directory says {expected_step}")
+    if files is not None:
+        listed = set(manifest["files"])
+        if extra := sorted(listed - files):
+            raise Problem(f"manifest.json lists unexpected file {extra[0]!r}")
+        if missing := sorted(files - listed):
+            raise Problem(f"manifest.json does not list expected file {missing[0]!r}")
     return manifest
 
 

@@ -1,0 +1,115 @@
+"""Every way a run ends reaches the scheduler as the right exit code, through launch/local.sh with
+the real job under real torchrun: each class of train/errors.py, caused for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, tiny_args
+
+from train import errors
+
+LOCAL_SH = REPO / "launch" / "local.sh"
+
+
+def launch(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in ("FTJOB_FAULT", "FTJOB_STATUS_FILE")}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    full.update({"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "NPROC": "2", "MAX_RESTARTS": "0", **env})
+    if torchrun.exists():
+        full["TORCHRUN"] = str(torchrun)
+    full.setdefault("TORCHRUN_ARGS", "--monitor-interval=0.2")
+    return subprocess.run(
+        ["bash", str(LOCAL_SH), *args], env=full, capture_output=True, text=True, timeout=240, cwd=tmp_path
+    )
+
+
+# (name, extra args, environment, expected code, words in the launcher's last line)
+CASES = [
+    ("finished", {}, {}, 0, None),
+    ("config", {"ckpt__keep": 0}, {}, errors.EXIT_CONFIG, "--ckpt.keep"),
+    ("data", {"data__path": "/nonexistent/corpus.txt"}, {}, errors.EXIT_DATA, "--data.path"),
+    ("crash", {}, {"FTJOB_FAULT": "raise:step=3:rank=1"}, errors.EXIT_CRASH, "RuntimeError: fault injection"),
+    ("killed", {}, {"FTJOB_FAULT": "crash:step=3:rank=1"}, errors.EXIT_KILLED, "SIGKILL"),
+    (
+        "hang",
+        {"watchdog__timeout_s": 3},
+        {"FTJOB_FAULT": "hang:step=3:rank=1"},
+        errors.EXIT_HANG,
+        "no progress",
+    ),
+    (
+        "collective-timeout",
+        {"dist__timeout_s": 3, "watchdog__timeout_s": 120},
+        {"FTJOB_FAULT": "hang:step=3:rank=1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"},
+        errors.EXIT_COLLECTIVE_TIMEOUT,
+        None,
+    ),
+    (
+        "storage",
+        {"ckpt__save_timeout_s": 3, "ckpt__interval": 5, "max_steps": 100_000},
+        {"FTJOB_FAULT": "hang_write:save_step=5;slow:ms=20:restart=any"},
+        errors.EXIT_STORAGE,
+        "save-timeout-s",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "extra", "env", "code", "words"), CASES, ids=[c[0] for c in CASES])
+def test_each_class_reaches_the_scheduler(
+    corpus: Path, tmp_path: Path, name: str, extra: dict, env: dict, code: int, words: str | None
+) -> None:
+    run_dir = tmp_path / "run"
+    result = launch(
+        tiny_args(run_dir, corpus, max_steps=extra.pop("max_steps", 12), **extra), tmp_path, **env
+    )
+    last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+    assert result.returncode == code, result.stderr[-3000:]
+    if code:
+        assert last.startswith(f"launch: torchrun exited 1; exit {code}: "), last
+        if words:
+            assert words in last, last
+    if (run_dir / "exit_status.json").exists() and code not in (errors.EXIT_KILLED,):
+        record = json.loads((run_dir / "exit_status.json").read_text())
+        assert (record["code"], record["class"]) == (code, errors.classify(code)), record
+    assert not list(Path(os.environ.get("TMPDIR", "/tmp")).glob(f"ftjob-launch.{os.getpid()}*"))
+
+
+def test_two_nodes_keep_separate_status_files(corpus: Path, tmp_path: Path) -> None:
+    """A permanent error on one node and a secondary failure on the other: neither overwrites the other."""
+    from conftest import free_port
+
+    port = free_port()
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, corpus, max_steps=12)
+    env = {
+        "NPROC": "1",
+        "NNODES": "2",
+        "RDZV_ENDPOINT": f"127.0.0.1:{port}",
+        "RDZV_ID": "classes",
+        "FTJOB_FAULT": "raise:step=3:rank=1",
+    }
+    first = subprocess.Popen(
+        ["bash", str(LOCAL_SH), *args],
+        env={**os.environ, "PYTHON": sys.executable, "MAX_RESTARTS": "0", **env,
+             "FTJOB_STATUS_FILE": str(tmp_path / "node0.json")},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    second = launch(args, tmp_path, **env, FTJOB_STATUS_FILE=str(tmp_path / "node1.json"))
+    _, err0 = first.communicate(timeout=240)
+    records = {}
+    for node in ("node0", "node1"):
+        records[node] = json.loads((tmp_path / f"{node}.json").read_text())
+    by_rank = {r["rank"]: r for r in records.values()}
+    assert by_rank[1]["code"] == errors.EXIT_CRASH and not by_rank[1]["secondary"], records
+    assert by_rank[0]["secondary"] and by_rank[0]["code"] in (
+        errors.EXIT_PEER,
+        errors.EXIT_COLLECTIVE_TIMEOUT,
+    )
+    codes = sorted([first.returncode, second.returncode])
+    assert errors.EXIT_CRASH in codes, (codes, err0[-2000:], second.stderr[-2000:])
