@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,3 +129,19 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
 def newest_checkpoint(run_dir: Path) -> int:
     steps = [int(p.name[5:]) for p in (run_dir / "checkpoints").iterdir() if p.name[5:].isdigit()]
     return max(steps)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    # ~3 checkpoints of the tiny model (~0.3 MB each) fit; --ckpt.keep 3 needs 4.
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k,mode=0700", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

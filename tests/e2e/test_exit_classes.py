@@ -34,6 +34,7 @@ CASES = [
     ("finished", {}, {}, 0, None),
     ("config", {"ckpt__keep": 0}, {}, errors.EXIT_CONFIG, "--ckpt.keep"),
     ("data", {"data__path": "/nonexistent/corpus.txt"}, {}, errors.EXIT_DATA, "--data.path"),
+    ("run-dir", {"run_dir": "FILE/run"}, {}, errors.EXIT_RUN_DIR, "not writable"),
     ("crash", {}, {"FTJOB_FAULT": "raise:step=3:rank=1"}, errors.EXIT_CRASH, "RuntimeError: fault injection"),
     ("killed", {}, {"FTJOB_FAULT": "crash:step=3:rank=1"}, errors.EXIT_KILLED, "SIGKILL"),
     (
@@ -65,9 +66,11 @@ def test_each_class_reaches_the_scheduler(
     corpus: Path, tmp_path: Path, name: str, extra: dict, env: dict, code: int, words: str | None
 ) -> None:
     run_dir = tmp_path / "run"
-    result = launch(
-        tiny_args(run_dir, corpus, max_steps=extra.pop("max_steps", 12), **extra), tmp_path, **env
-    )
+    options = {"max_steps": 12, **extra}
+    if options.get("run_dir") == "FILE/run":  # a run dir under a regular file: cannot be created
+        (tmp_path / "a-file").write_text("not a directory")
+        options["run_dir"] = tmp_path / "a-file" / "run"
+    result = launch(tiny_args(options.pop("run_dir", run_dir), corpus, **options), tmp_path, **env)
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     assert result.returncode == code, result.stderr[-3000:]
     if code:
@@ -113,3 +116,18 @@ def test_two_nodes_keep_separate_status_files(corpus: Path, tmp_path: Path) -> N
     )
     codes = sorted([first.returncode, second.returncode])
     assert errors.EXIT_CRASH in codes, (codes, err0[-2000:], second.stderr[-2000:])
+
+
+def test_a_checkpoint_of_another_model_is_permanent(corpus: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert launch(tiny_args(run_dir, corpus, max_steps=10, model__n_embd=16), tmp_path).returncode == 0
+    result = launch(tiny_args(run_dir, corpus, max_steps=10), tmp_path)
+    assert result.returncode == errors.EXIT_INCOMPATIBLE_CKPT, result.stderr[-3000:]
+    assert "written by a different model/config" in result.stderr.strip().splitlines()[-1]
+
+
+def test_a_full_disk_is_permanent(corpus: Path, tmp_path: Path, small_tmpfs: Path) -> None:
+    args = tiny_args(small_tmpfs / "run", corpus, max_steps=200, ckpt__interval=5, ckpt__max_failures=2)
+    result = launch([*args, "--data.cache-dir", str(tmp_path / "cache")], tmp_path, MAX_RESTARTS="3")
+    assert result.returncode == errors.EXIT_DISK_FULL, result.stderr[-3000:]
+    assert "No space left on device" in result.stderr.strip().splitlines()[-1]

@@ -4,15 +4,10 @@ a hang is bounded, a full disk is one clear permanent stop and never a crash loo
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from conftest import metrics_rows, run_torchrun, start_torchrun, tiny_args, train_losses, wait_for_step
 
 from train.ckpt.manager import CheckpointManager
@@ -82,22 +77,6 @@ def test_a_hung_save_ends_the_attempt_within_the_save_timeout(corpus: Path, tmp_
 
 
 # -- a real full disk ---------------------------------------------------------------------------------
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    # ~3 checkpoints of the tiny model (~0.3 MB each) fit; --ckpt.keep 3 needs 4.
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1200k,mode=0700", "tmpfs", str(mount)])
-    if done.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_is_one_clear_permanent_stop_not_a_crash_loop(
     corpus: Path, tmp_path: Path, small_tmpfs: Path
 ) -> None:
