@@ -28,6 +28,7 @@ import signal
 import time
 
 from train import warmstart
+from train.ckpt import hooks
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +122,6 @@ def after_step(step: int) -> None:
             deadline = time.monotonic() + 120
             while not warmstart.listening(warmstart.agent_pid()) and time.monotonic() < deadline:
                 time.sleep(0.05)
+
+
+hooks.install(point, set_context)  # the checkpoint package calls back at its points

@@ -531,6 +531,7 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import sys
     import torch
+    import train.faults  # installs the kill points into train.ckpt's hooks
     from train.ckpt.manager import CheckpointManager
     from train.ckpt.storage import LocalStorage
 

@@ -385,3 +385,22 @@ def test_setting_one_step_aside_again_and_again_keeps_only_the_newest(tmp_path, 
         m.save(2, make_state(2), {})
     assert len(m.storage.set_aside_names()) == 1
     assert m.storage.set_aside_names()[0] > "step_00000002.invalid-1700000003"
+
+
+def test_the_checkpoint_package_imports_nothing_of_the_job() -> None:
+    """train/ckpt is a library: any training loop can use it (fault points reach it as hooks)."""
+    import ast
+
+    for path in (Path(__file__).resolve().parents[2] / "train" / "ckpt").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            for name in names:
+                assert not (name == "train" or name.startswith("train.")) or name.startswith("train.ckpt"), (
+                    f"{path.name} imports {name}"
+                )

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from train import faults
+from train.ckpt import hooks
 from train.ckpt import manifest as mf
 from train.ckpt.storage import INVALID_TAG, Storage, Unreadable
 
@@ -197,7 +197,7 @@ class CheckpointManager:
                 f"refusing to commit files {sorted(blobs)}: this manager expects {sorted(self.files)}"
             )
         name = mf.name_for(step)
-        faults.set_context(save_step=step)
+        hooks.context(save_step=step)
         if name in self.storage.names():
             # Rejected in this process (by validate, say) counts as invalid even if it verifies.
             problem = self._failed.get(name) or self.verify(name)

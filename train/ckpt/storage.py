@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from train import faults
+from train.ckpt import hooks
 
 TMP_PREFIX = ".tmp-"
 DELETE_PREFIX = f"{TMP_PREFIX}delete-"
@@ -173,17 +173,17 @@ class _LocalPendingWrite:
         with open(_plain(file), "wb", opener=self._open) as f:
             f.write(data)
             f.flush()
-            faults.point("ckpt.file_written")
+            hooks.point("ckpt.file_written")
             os.fsync(f.fileno())
 
     def commit(self) -> None:
         os.fsync(self._fd)
-        faults.point("ckpt.before_rename")
+        hooks.point("ckpt.before_rename")
         final = self.root / self.name
         # rename() onto an existing non-empty directory fails on POSIX: a committed checkpoint is
         # never replaced by a commit.
         os.rename(self.tmp, final)
-        faults.point("ckpt.after_rename")
+        hooks.point("ckpt.after_rename")
         fsync_path(self.root)
         self._release()
 
