@@ -37,6 +37,11 @@ class DistEnv:
     device: torch.device
     backend: str | None  # None: a single process without a process group
     restart: int
+    local_world_size: int = 1  # ranks on this node
+
+    @property
+    def multi_node(self) -> bool:
+        return self.world_size > self.local_world_size
 
     @property
     def is_main(self) -> bool:
@@ -130,7 +135,8 @@ def setup(backend: str, init_timeout_s: float) -> DistEnv:
         if done is not None:
             done.set()
     log.info("process group up: %s, rank %d/%d, generation %s", name, rank, world_size, generation[:8])
-    return DistEnv(rank, world_size, local_rank, device, name, restart)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return DistEnv(rank, world_size, local_rank, device, name, restart, local_world_size)
 
 
 def set_timeout(seconds: float) -> None:

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("warm restart: trainer forked %s ms after the worker started", warm_ms)
         else:
             warmstart.start_zygote(cfg.dist.warm_restart)
-        if os.environ.get("RANK", "0") == "0":  # only rank 0 writes there
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # each node may keep its own copy there
             failures.check_run_dir(cfg.run_dir)
         run_dir = cfg.run_dir
         if cfg.deterministic:

@@ -1,14 +1,16 @@
 """The job's checkpoint policy around the background writer: when ranks wait, when a failure stops.
 
-Only rank 0 writes, but every rank must agree on each step boundary, and none may sit inside a
-collective while rank 0 waits for its disk: the other ranks' collective would time out (at
-``--dist.timeout-s``) and turn a slow save into a failed job. So every wait for a save is a loop of
-short waits, each followed by a tiny all-reduce that all ranks enter within ``POLL_S``.
+Only the writers write (rank 0, or one rank per node: train/replicas.py), but every rank must
+agree on each step boundary, and none may sit inside a collective while a writer waits for its
+disk: the other ranks' collective would time out (at ``--dist.timeout-s``) and turn a slow save
+into a failed job. So every wait for a save is a loop of short waits, each followed by a tiny
+all-reduce that all ranks enter within ``POLL_S``.
 
-What each rank learns at a boundary, from rank 0: a save is still running; a save has been running
-longer than ``--ckpt.save-timeout-s`` (hung storage: the attempt ends, exit 147, retryable); the
-job gives up on saving (after ``--ckpt.max-failures`` failed saves in a row, or a failed final or
-preemption save): exit 6 for a full disk (permanent: free space first), 147 otherwise.
+What each rank learns at a boundary, from the writers: a save is still running; a save has been
+running longer than ``--ckpt.save-timeout-s`` (hung storage: the attempt ends, exit 147,
+retryable); a writer gives up on saving (after ``--ckpt.max-failures`` failed saves in a row, or a
+failed final or preemption save): exit 6 for a full disk (permanent: free space first), 147
+otherwise.
 
 A failed save costs nothing on disk: the writer removes its own temporary and every committed
 checkpoint stays. Training goes on and the next interval tries again. Before the first save, and
@@ -30,11 +32,11 @@ from train.ckpt.manager import CheckpointManager
 from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
 from train.dist import DistEnv
-from train.errors import EXIT_DISK_FULL, DiskFullError, StorageError
+from train.errors import EXIT_DISK_FULL, EXIT_STORAGE, DiskFullError, StorageError
 
 log = logging.getLogger("train")
 POLL_S = 0.2
-FLAGS = 3  # busy, give-up code, overdue
+FLAGS = 4  # any writer: still saving, gave up (disk full), gave up (other failure), hung
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -54,9 +56,17 @@ def free_bytes(path: Path) -> int | None:
 
 
 class SavePolicy:
-    def __init__(self, writer: CheckpointWriter, manager: CheckpointManager, cfg: CkptConfig, env: DistEnv):
-        self.writer, self.manager, self.cfg, self.env = writer, manager, cfg, env
-        self.failures = 0  # consecutive (rank 0)
+    def __init__(
+        self,
+        writer: CheckpointWriter,
+        manager: CheckpointManager,
+        cfg: CkptConfig,
+        env: DistEnv,
+        writes: bool,
+    ):
+        self.writer, self.manager, self.cfg, self.env, self.writes = writer, manager, cfg, env, writes
+        self.failures = 0  # consecutive (on a writer)
+        self._gave_up = False
         self._committed = writer.last_committed
         self._size: int | None = None  # bytes of one checkpoint, known at the first save
         self._last_error = ""
@@ -96,45 +106,51 @@ class SavePolicy:
 
     # -- the boundary ---------------------------------------------------------------------------------
     def local_flags(self, final: bool = False, error: BaseException | None = None) -> list[float]:
-        """Rank 0's contribution to the boundary all-reduce (zeros elsewhere)."""
-        if not self.env.is_main:
+        """This rank's contribution to the boundary all-reduce (summed: > 0 means "some writer")."""
+        if not self.writes:
             return [0.0] * FLAGS
         error = error or self.writer.take_error()
         if self.writer.last_committed != self._committed:
             self._committed, self.failures = self.writer.last_committed, 0
-        give_up = 0.0
+        code = 0
         if error is not None:
             self.failures += 1
-            give_up = float(self._failed(error, final))
+            code = self._failed(error, final)
+            self._gave_up = bool(code)
         overdue = self.writer.running_for() > self.cfg.save_timeout_s
-        return [float(self.writer.busy), give_up, float(overdue)]
+        return [
+            float(self.writer.busy),
+            float(code == EXIT_DISK_FULL),
+            float(code == EXIT_STORAGE),
+            float(overdue),
+        ]
 
     def act(self, flags: list[float]) -> bool:
-        """Every rank, on the all-reduced flags: raise if the job stops here; else whether rank 0
+        """Every rank, on the all-reduced flags: raise if the job stops here; else whether a writer
         is still saving."""
-        busy, give_up, overdue = (int(x) for x in flags)
+        busy, full, failing, overdue = (x > 0 for x in flags)
+        mine = self.writes and (self._gave_up or self.writer.running_for() > self.cfg.save_timeout_s)
         if overdue:
             raise StorageError(
                 f"the checkpoint save of step {self.writer.step_in_flight} has run longer than "
                 f"--ckpt.save-timeout-s {self.cfg.save_timeout_s:g}: storage hung? ending this attempt"
-                if self.env.is_main
-                else "rank 0's checkpoint save is hung (see its log)",
-                echo=self.env.is_main,
+                if mine
+                else "a checkpoint save is hung (see the writing rank's log)",
+                echo=mine,
             )
-        if give_up == EXIT_DISK_FULL:
-            raise DiskFullError(self._give_up_line() if self.env.is_main else "", echo=self.env.is_main)
-        if give_up:
+        if full:
+            raise DiskFullError(self._give_up_line() if mine else "", echo=mine)
+        if failing:
             raise StorageError(
-                self._give_up_line() if self.env.is_main else "rank 0 cannot write checkpoints (see its log)",
-                echo=self.env.is_main,
+                self._give_up_line() if mine else "a rank cannot write checkpoints (see its log)", echo=mine
             )
-        return bool(busy)
+        return busy
 
     def settle(self, final: bool = False) -> None:
         """Collective: return once rank 0's save in flight is done, in short waits every rank
         shares (see the module docstring)."""
         while True:
-            if self.env.is_main:
+            if self.writes:
                 self.writer.join(POLL_S)
             flags = torch.tensor(self.local_flags(final), dtype=torch.float32, device=self.env.device)
             if self.env.backend:
@@ -165,7 +181,7 @@ class SavePolicy:
         )
         if not gives_up:
             return 0
-        return EXIT_DISK_FULL if full else StorageError.exit_code
+        return EXIT_DISK_FULL if full else EXIT_STORAGE
 
     def _give_up_line(self) -> str:
         what = (

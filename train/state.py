@@ -77,8 +77,8 @@ class TrainState:
             tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def snapshot(self, device: torch.device) -> Callable[[], dict[str, Any]] | None:
-        """Collective: every rank calls it; rank 0 gets a deferred copy, the others None.
+    def snapshot(self, device: torch.device, writes: bool) -> Callable[[], dict[str, Any]] | None:
+        """Collective: every rank calls it; a rank that ``writes`` gets a deferred copy, the others None.
 
         What is cheap and mutable outside the optimizer (step, scheduler, sampler, RNG) is captured
         now. The tensors (weights, optimizer moments) change only inside ``optimizer.step()``, so
@@ -86,7 +86,7 @@ class TrainState:
         forward/backward - as long as it finishes before the next optimizer step.
         """
         rng_states = comm.all_gather_bytes(_to_bytes(rng.capture(device)), device)
-        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        if not writes:
             return None
         small = copy.deepcopy(
             {

@@ -22,6 +22,7 @@ from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import EXIT_PREEMPTED, StorageError
 from train.metrics import Metrics
+from train.replicas import writes_checkpoints
 from train.resume import resume
 from train.sampler import BatchPlan, GlobalSampler, plan_batches
 from train.saving import SavePolicy
@@ -148,7 +149,8 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     state = TrainState(task.model, optimizer, scheduler, GlobalSampler(len(task.train_data), cfg.seed))
 
     manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=cfg.ckpt.keep, files=CKPT_FILES)
-    resumed = resume(manager, state, env, fingerprint)
+    writes = writes_checkpoints(run_dir, env)
+    resumed = resume(manager, state, env, fingerprint, reads=writes)
     model = (
         DDP(task.model, device_ids=[env.device] if env.device.type == "cuda" else None)
         if env.backend
@@ -163,7 +165,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         writer = CheckpointWriter(manager, background=True)
         # On the way out, wait for a save in flight, but never for one that is hung.
         stack.push(lambda kind, *_: writer.close(0 if kind is StorageError else cfg.ckpt.save_timeout_s))
-        policy = SavePolicy(writer, manager, cfg.ckpt, env)
+        policy = SavePolicy(writer, manager, cfg.ckpt, env, writes)
         metrics = Metrics(run_dir, env.is_main, state.step, cfg.max_steps, cfg.log_interval)
         stack.callback(metrics.close)
         if resumed is not None:
@@ -178,7 +180,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             t0 = time.perf_counter()
             if last:
                 policy.settle()  # the previous save first: one in flight at most
-            writer.save(state.step, lambda: state.snapshot(env.device), meta, precheck=check_space)
+            writer.save(state.step, lambda: state.snapshot(env.device, writes), meta, precheck=check_space)
             if blocking:
                 policy.settle(final=last)
             stall = time.perf_counter() - t0 if blocking else writer.stall_s

@@ -226,7 +226,7 @@ def main() -> None:
         row = {"memcpy": min(timed(memcpy) for _ in range(3)), "compute": timed(compute)}
         for name, w in writers.items():
             overlap = compute if name == "ours_async" else None
-            row[name], compute_s = save_stall(w, step, lambda: state.snapshot(CPU), meta, overlap)
+            row[name], compute_s = save_stall(w, step, lambda: state.snapshot(CPU, True), meta, overlap)
             if overlap is not None:
                 row["compute_during_save"] = compute_s
             w.wait()

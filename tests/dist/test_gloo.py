@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-
-from train.ckpt.manifest import deserialize
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
+
+from train.ckpt.manifest import deserialize
 
 try:
     import numpy as np
@@ -67,12 +67,14 @@ def _child(
     torch.set_num_threads(1)
     os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
-        **extra_env,
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(WORLD),
+            **extra_env,
+        }
     )
     handler = _ListHandler()
     logging.getLogger().addHandler(handler)
@@ -332,7 +334,7 @@ def _manager(run_dir: str):
 
 
 def _save_on_rank0(env, state, run_dir: str) -> None:
-    files = state.snapshot(env.device)  # collective
+    files = state.snapshot(env.device, env.rank == 0)  # collective
     if env.rank == 0:
         assert files is not None
         _manager(run_dir).save(state.step, files(), {"fingerprint": FINGERPRINT, "world_size": WORLD})
@@ -358,7 +360,7 @@ def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
 
     fresh = _tiny_state(seed=500 + env.rank)  # a restarted process: new weights, step 0
     before = safetensors.torch.save(fresh.model.state_dict())
-    resumed = resume(_manager(run_dirs[env.rank]), fresh, env, FINGERPRINT)
+    resumed = resume(_manager(run_dirs[env.rank]), fresh, env, FINGERPRINT, reads=env.rank == 0)
     out: dict[str, Any] = {
         "resumed": resumed,
         "step": fresh.step,
@@ -371,13 +373,15 @@ def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
     }
     # A checkpoint from another config: every rank fails the same way (no rank left hanging).
     try:
-        resume(_manager(run_dirs[env.rank]), _tiny_state(seed=1), env, "another-fingerprint")
+        resume(
+            _manager(run_dirs[env.rank]), _tiny_state(seed=1), env, "another-fingerprint", reads=env.rank == 0
+        )
         out["mismatch"] = "no error"
     except IncompatibleCheckpointError as e:
         out["mismatch"] = str(e)
     # Nothing on rank 0's side: every rank starts fresh, whatever the others' dirs hold.
     untouched = _tiny_state(seed=2)
-    out["none"] = resume(_manager(empty_dirs[env.rank]), untouched, env, FINGERPRINT)
+    out["none"] = resume(_manager(empty_dirs[env.rank]), untouched, env, FINGERPRINT, reads=env.rank == 0)
     out["none_step"] = untouched.step
     return out
 
@@ -438,7 +442,7 @@ def _rng_worker(env, run_dir: str) -> dict:
     for _ in range(5):  # what the run did after the checkpoint, then it died
         _draw()
     torch.randn(1000)
-    resume(_manager(run_dir), state, env, FINGERPRINT)
+    resume(_manager(run_dir), state, env, FINGERPRINT, reads=env.rank == 0)
     return {"captured": captured, "expected": expected, "after_restore": _draw()}
 
 
@@ -463,3 +467,45 @@ def test_snapshot_keeps_every_ranks_rng(tmp_path):
         if np is not None:
             assert torch.equal(saved[rank]["numpy"]["keys"], captured["numpy"]["keys"])
     assert not torch.equal(saved[0]["torch"], saved[1]["torch"])
+
+
+# -- (e) every node a replica: the newest checkpoint on any node wins ---------------------------------
+
+
+def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
+    from train.replicas import writes_checkpoints
+    from train.resume import resume
+
+    # Two "nodes" of one rank each, each with its own run dir: node 1 got further (step 5) than
+    # node 0 (step 3) - e.g. node 0 is a replacement that came back with an older disk.
+    state = _tiny_state(seed=10 + env.rank)
+    _train_a_little(state, steps=3 + 2 * env.rank)
+    own = Path(run_dirs[env.rank])
+    writes = writes_checkpoints(own, env)
+    _manager(own).save(state.step, state.snapshot(env.device, writes)(), {"fingerprint": FINGERPRINT})
+    fresh = _tiny_state(seed=500 + env.rank)
+    resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=writes)
+    return {
+        "writes": writes,
+        "shared_writes": writes_checkpoints(Path(shared_dir), env),
+        "resumed": resumed,
+        "step": fresh.step,
+        "weights": safetensors.torch.save(fresh.model.state_dict()),
+    }
+
+
+def test_the_newest_checkpoint_on_any_node_is_the_one_every_rank_loads(tmp_path):
+    run_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    (r0, _), (r1, _) = run_group(_replica_worker, run_dirs, str(tmp_path / "shared"), extra_env=nodes)
+    assert r0["writes"] and r1["writes"]  # separate run dirs: each node keeps its own copy
+    assert (r0["shared_writes"], r1["shared_writes"]) == (True, False)  # a shared dir: rank 0 alone
+    for r in (r0, r1):
+        assert r["resumed"]["step"] == 5 and r["resumed"]["source_rank"] == 1 and r["step"] == 5
+    assert r0["weights"] == r1["weights"]
+    saved = safetensors.torch.load_file(
+        str(Path(run_dirs[1]) / "checkpoints" / "step_00000005" / "model.safetensors")
+    )
+    loaded = safetensors.torch.load(r0["weights"])
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert not (tmp_path / "shared").exists() or not list((tmp_path / "shared").glob(".node-*"))

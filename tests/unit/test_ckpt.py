@@ -637,7 +637,7 @@ def train_one_step(state: TrainState) -> None:
 
 def save_train_state(root: Path, state: TrainState) -> CheckpointManager:
     m = manager(root)
-    copy_out = state.snapshot(torch.device("cpu"))
+    copy_out = state.snapshot(torch.device("cpu"), True)
     assert copy_out is not None
     files = copy_out()
     assert set(files) == {MODEL_FILE, OPTIM_FILE, TRAIN_FILE}

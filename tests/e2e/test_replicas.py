@@ -1,0 +1,124 @@
+"""Every node a replica, with real torchrun agents on loopback, each "node" with its own run dir
+(two machines without a shared filesystem): losing the node that holds global rank 0 - and every
+checkpoint it wrote - costs at most the steps since the last checkpoint, never the run.
+
+The rendezvous store is a separate process here, as an etcd or a dedicated host would be, so that
+killing either agent leaves the rendezvous alive (with c10d's default the first agent hosts it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import MAIN, REPO, TORCHRUN, free_port, metrics_rows, process_tree, tiny_args
+
+STORE = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=True, wait_for_workers=False,
+                      timeout=timedelta(seconds=300))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def agent(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    cmd = [
+        *TORCHRUN,
+        "--nnodes=1:2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{port}",
+        "--rdzv-id=replica-test",
+        "--rdzv-conf=is_host=false,join_timeout=60,last_call_timeout=2,close_timeout=5,"
+        "keep_alive_interval=1,keep_alive_max_attempt=3",
+        "--monitor-interval=0.2",
+        "--max-restarts=5",
+        MAIN,
+        *args,
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FTJOB_FAULT": "slow:ms=80:restart=any"}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out, stderr=out)
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    if not (run_dir / "metrics.jsonl").exists():
+        return []
+    return [r for r in metrics_rows(run_dir) if r["kind"] == "train"]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    return (
+        sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit()) if root.exists() else []
+    )
+
+
+def wait(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in process_tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_losing_rank_0s_node_and_its_disk_resumes_from_the_other_nodes_copy(
+    corpus: Path, tmp_path: Path
+) -> None:
+    port, steps = free_port(), 60
+    store = subprocess.Popen([sys.executable, "-c", STORE, str(port)], stdout=subprocess.PIPE, text=True)
+    agents: list[subprocess.Popen] = []
+    try:
+        assert store.stdout is not None and store.stdout.readline().strip() == "ready"
+        dirs = [tmp_path / f"node{i}" for i in range(2)]
+        cache = tmp_path / "cache"
+
+        def args(run_dir: Path) -> list[str]:
+            return [
+                *tiny_args(run_dir, corpus, max_steps=steps, ckpt__interval=5),
+                "--data.cache-dir",
+                str(cache),
+            ]
+
+        agents = [agent(args(dirs[i]), port, tmp_path / f"agent{i}.log") for i in range(2)]
+        wait(lambda: any(len(train_rows(d)) >= 12 for d in dirs), "two nodes training")
+        holder = next(i for i in range(2) if train_rows(dirs[i]))  # rank 0 writes metrics in its dir
+        other = 1 - holder
+        assert checkpoint_steps(dirs[other]), "the node without rank 0 kept no copy of its own"
+        kill_tree(agents[holder])  # the node and its disk are gone: agent, worker, and its run dir
+        killed_at = max(r["step"] for r in train_rows(dirs[holder]))
+        copies = checkpoint_steps(dirs[other])
+
+        # The survivor is rank 0 now and writes metrics in its own dir: it must resume from its copy.
+        wait(lambda: len(train_rows(dirs[other])) >= 3, "the survivor training alone")
+        first = train_rows(dirs[other])[0]
+        resumes = [r for r in metrics_rows(dirs[other]) if r["kind"] == "resume"]
+        assert resumes and resumes[0]["step"] >= max(copies) - 5 > 0, (resumes, copies)
+        assert first["step"] == resumes[0]["step"] + 1 and first["world_size"] == 1
+        assert killed_at - resumes[0]["step"] <= 5 + 1  # at most one checkpoint interval of work lost
+
+        code = agents[other].wait(timeout=240)
+        assert code == 0, (tmp_path / f"agent{other}.log").read_text()[-3000:]
+        rows = train_rows(dirs[other])
+        assert rows[-1]["step"] == steps and [r["step"] for r in rows] == list(
+            range(first["step"], steps + 1)
+        )
+        assert steps in checkpoint_steps(dirs[other])
+    finally:
+        for proc in agents:
+            kill_tree(proc)
+        store.kill()
+        store.wait()

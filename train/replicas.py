@@ -1,0 +1,51 @@
+"""Every node is a replica: under DDP each node already holds the whole model and optimizer, so
+each node's local rank 0 writes its own copy of every checkpoint into its own run directory -
+nothing crosses the network to write it, and losing any node (the one with global rank 0
+included) loses no checkpoint. At every start the ranks agree on the newest valid checkpoint that
+exists on *any* node; the nodes that do not hold it receive it from one that does.
+
+Nodes that share the run directory (a shared filesystem) are found out at start - each node's
+local rank 0 leaves a marker there and looks for the others' - and then only global rank 0
+writes, as on one node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from train import comm
+from train.dist import DistEnv
+
+log = logging.getLogger("train")
+
+
+def writes_checkpoints(run_dir: Path, env: DistEnv) -> bool:
+    """Collective on multi-node runs: whether this rank writes (and reads) checkpoints."""
+    if not env.multi_node:
+        return env.rank == 0
+    marker = run_dir / f".node-{uuid.uuid4().hex}" if env.local_rank == 0 else None
+    if marker is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    names = [n.decode() for n in comm.all_gather_bytes(marker.name.encode() if marker else b"", env.device)]
+    sees_another = marker is not None and any(
+        n and n != marker.name and (run_dir / n).exists() for n in names
+    )
+    shared = torch.tensor([float(sees_another)], device=env.device)
+    dist.all_reduce(shared)  # after every node has looked: the markers may go
+    if marker is not None:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+    if shared.item() > 0:
+        if env.rank == 0:
+            log.info("the nodes share the run directory: rank 0 alone writes checkpoints")
+        return env.rank == 0
+    if env.rank == 0:
+        log.info("each node keeps its own copy of every checkpoint (run directories not shared)")
+    return env.local_rank == 0
