@@ -14,8 +14,6 @@ import json
 import math
 from typing import Any
 
-import safetensors
-import safetensors.torch
 import torch
 
 SKELETON = "ftjob.skeleton"
@@ -69,16 +67,47 @@ def _is_flat(obj: Any) -> bool:
     )
 
 
+Pieces = list[bytes | memoryview]  # a file as the parts written one after the other
+
+
 def serialize(file: str, obj: Any) -> bytes:
+    return b"".join(encode(file, obj))
+
+
+def encode(file: str, obj: Any) -> Pieces:
+    """The file's bytes as pieces: a small header, then views of each tensor's own memory - so
+    writing a checkpoint never builds a second copy of the state in memory."""
     if file.endswith(".pt"):
         buf = io.BytesIO()
         torch.save(obj, buf)
-        return buf.getvalue()
+        return [buf.getvalue()]
     if _is_flat(obj):
-        return safetensors.torch.save(obj)
+        return _safetensors_pieces(obj, None)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(obj, "", tensors)
-    return safetensors.torch.save(tensors, metadata={SKELETON: json.dumps(skeleton)})
+    return _safetensors_pieces(tensors, {SKELETON: json.dumps(skeleton)})
+
+
+def _safetensors_pieces(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> Pieces:
+    """The safetensors layout (what safetensors.torch.save writes, readable by it): an 8-byte
+    header length, the JSON header padded to 8 bytes, the tensors' bytes back to back."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    views, offset = [], 0
+    for name, tensor in tensors.items():
+        flat = tensor.detach().reshape(-1)
+        if flat.device.type != "cpu" or not flat.is_contiguous():
+            flat = flat.contiguous().cpu()
+        data = memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else b""
+        header[name] = {
+            "dtype": _NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
+        views.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return [len(raw).to_bytes(8, "little") + raw, *views]
 
 
 _DTYPES = {
@@ -95,6 +124,7 @@ _DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 _MAX_HEADER = 100 << 20  # safetensors' own limit

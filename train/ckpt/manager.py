@@ -185,9 +185,10 @@ class CheckpointManager:
 
     # -- writing -----------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
-        return self.commit(step, {f: mf.serialize(f, obj) for f, obj in state.items()}, meta)
+        return self.commit(step, {f: mf.encode(f, obj) for f, obj in state.items()}, meta)
 
-    def commit(self, step: int, blobs: dict[str, bytes], meta: dict[str, Any]) -> str:
+    def commit(self, step: int, blobs: dict[str, bytes | mf.Pieces], meta: dict[str, Any]) -> str:
+        """``blobs``: each file's bytes, or its pieces (see codec.encode) - written as they are."""
         if not blobs:
             raise ValueError("refusing to commit a checkpoint with no files")
         if not all(map(mf.plain_file_name, blobs)):
@@ -217,12 +218,28 @@ class CheckpointManager:
         except BaseException:
             pending.abort()
             raise
-        problem = self.verify(name)
+        problem = self._reread(name)
         if problem:
             # Keep everything: the new one is suspect, so the older ones stay the fallback.
             raise OSError(f"checkpoint {name} did not verify right after writing it: {problem}")
         self._retain()
         return name
+
+    def _reread(self, name: str) -> str:
+        """'' if what was just written reads back with the checksums of its manifest. Streamed
+        where the storage can (no second copy of the checkpoint in memory); the contents were
+        encoded a moment ago, so they are not decoded again."""
+        digest = getattr(self.storage, "digest", None)
+        if digest is None:
+            return self.verify(name)
+        try:
+            manifest = self._manifest(name)
+            for file, entry in manifest["files"].items():
+                if digest(name, file, entry["size"]) != entry["xxh3_64"]:
+                    raise mf.Problem(f"{file}: checksum mismatch (corrupt)")
+        except (mf.Problem, Unreadable, FileNotFoundError) as p:
+            return self._record(name, str(p))
+        return self._record(name, "")
 
     def _retain(self) -> None:
         kept, oldest_kept = 0, None

@@ -12,10 +12,10 @@ from typing import Any
 import torch
 import xxhash
 
-from train.ckpt.codec import deserialize, serialize
+from train.ckpt.codec import Pieces, deserialize, encode, serialize
 
 FORMAT_VERSION = 1
-__all__ = ["deserialize", "serialize"]  # re-exported: the manager reads and writes through these
+__all__ = ["deserialize", "encode", "serialize"]  # re-exported: the manager reads and writes through these
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 16 << 20  # far above any real manifest; a bigger one is not ours
 _NAME = re.compile(r"step_(\d{8,})")
@@ -58,13 +58,22 @@ class BackgroundChecksum:
         return self._hasher.hexdigest() if self.fed == len(data) else checksum(data)
 
 
-def build(step: int, blobs: dict[str, bytes], meta: dict[str, Any]) -> bytes:
+def entry(data: bytes | memoryview | Pieces) -> dict[str, Any]:
+    """A file's manifest entry: its size and checksum, from its bytes or from its pieces in order."""
+    pieces = data if isinstance(data, list) else [data]
+    hasher = xxhash.xxh3_64()
+    for piece in pieces:
+        hasher.update(piece)
+    return {"size": sum(len(piece) for piece in pieces), "xxh3_64": hasher.hexdigest()}
+
+
+def build(step: int, blobs: dict[str, bytes | memoryview | Pieces], meta: dict[str, Any]) -> bytes:
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
         "time": time.time(),
         "torch": torch.__version__,
-        "files": {f: {"size": len(b), "xxh3_64": checksum(b)} for f, b in sorted(blobs.items())},
+        "files": {f: entry(b) for f, b in sorted(blobs.items())},
         **meta,
     }
     return json.dumps(manifest, indent=1, sort_keys=True).encode()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import xxhash
 
 from train.ckpt import hooks
 
@@ -56,7 +57,7 @@ class Unreadable(Exception):
 
 
 class PendingWrite(Protocol):
-    def write(self, file: str, data: bytes | memoryview) -> None: ...
+    def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None: ...
     def commit(self) -> None: ...
     def abort(self) -> None: ...
 
@@ -169,9 +170,11 @@ class _LocalPendingWrite:
     def _open(self, path: str, flags: int) -> int:
         return os.open(path, flags | os.O_NOFOLLOW, 0o666, dir_fd=self._fd)
 
-    def write(self, file: str, data: bytes | memoryview) -> None:
+    def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+        """``data``: the bytes, or a list of pieces written one after the other."""
         with open(_plain(file), "wb", opener=self._open) as f:
-            f.write(data)
+            for piece in data if isinstance(data, list) else [data]:
+                f.write(piece)
             f.flush()
             hooks.point("ckpt.file_written")
             os.fsync(f.fileno())
@@ -247,6 +250,21 @@ class LocalStorage:
             os.close(fd)
             raise Unreadable("not a regular file")
         return fd, st
+
+    def digest(self, name: str, file: str, size: int) -> str:
+        """xxh3_64 of the file, read in pieces through one small buffer (verifying a checkpoint
+        just written must not hold a second copy of it in memory); Unreadable as read() is."""
+        fd, st = self._open(name, file)
+        try:
+            if st.st_size != size:
+                raise Unreadable(f"{st.st_size} bytes, expected {size}", actual=st.st_size)
+            hasher, buf = xxhash.xxh3_64(), bytearray(READ_CHUNK)
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+                while n := f.readinto(buf):
+                    hasher.update(memoryview(buf)[:n])
+            return hasher.hexdigest()
+        finally:
+            os.close(fd)
 
     def read(
         self,
