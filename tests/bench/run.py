@@ -435,6 +435,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps, rounds and trials (~3-6 min)")
     p.add_argument("--out", default=str(ROOT / "results.md"), help="where to write the table")
+    p.add_argument("--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3")
     args = p.parse_args()
     q = args.quick
     out = Path(args.out)
@@ -444,6 +445,7 @@ def main() -> int:
         "ckpt": {50: (5, 3, 1, 3), 500: (1, 1, 1, 1)} if q else {50: (10, 5, 2, 5), 500: (4, 3, 2, 3)},
         "p2": (1, 60) if q else (2, 110),  # (reps, steps): saves at 50 (quick), 50 and 100 (full)
         "p4": (3, 40.0) if q else (5, 40.0),  # (trials per side, timeout per trial; a good one ~8 s)
+        "memory": 100 if q else 500,  # MB of state
     }
     header = [f"## ftjob benchmarks ({'quick' if q else 'full'} mode)", "", *machine()]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -636,10 +638,35 @@ def main() -> int:
                 reasons[key] = reasons.get(key, 0) + 1
             notes.extend(f"P4 {kind} failed {c}x: {why}" for why, c in reasons.items())
 
-    section(table, "T1", "job vs bare DDP steps/s", t1)
-    section(table, "P1/P7/P8", "checkpoint stall / load / size", ckpt)
-    section(table, "P2", "steps/s with vs without checkpoints", p2)
-    section(table, "P4", "recovery after SIGKILL", p4)
+    def memory() -> None:
+        from memory_bench import measure
+
+        r = raw["memory"] = measure(plan["memory"], WORK / "memory")
+        first, later = r["save"]
+        size = f"{first['state_bytes'] / 1e6:.0f} MB state"
+        table.add("M1", f"rank 0's peak RSS growth during its first save / state bytes, {size} "
+                  "(staging buffers included)", fmt_mb(first["growth"]), fmt_mb(first["state_bytes"]),
+                  first["growth"] / first["state_bytes"], "<= 1.5x")  # fmt: skip
+        table.add("M1", "the same, a later save (staging buffers reused)", fmt_mb(later["growth"]),
+                  fmt_mb(later["state_bytes"]), later["growth"] / later["state_bytes"], "ref 0")  # fmt: skip
+        got = r["resume"]
+        table.add("M2", f"peak RSS growth of a rank receiving the checkpoint at resume / state bytes, {size}, "  # noqa: E501
+                  "2 ranks, gloo", fmt_mb(got["growth"]), fmt_mb(got["state_bytes"]),
+                  got["growth"] / got["state_bytes"], "<= 1.2x")  # fmt: skip
+        table.add("M3", "resume time of a receiving rank / a local load of the same checkpoint (page "
+                  f"cache warm), {size}", f"{got['received_s']:.2f} s", f"{got['local_s']:.2f} s",
+                  got["received_s"] / got["local_s"], "<= 1.3x")  # fmt: skip
+
+    wanted = set(args.only.split(",")) if args.only else None
+    for rid, metric, fn in (
+        ("T1", "job vs bare DDP steps/s", t1),
+        ("P1/P7/P8", "checkpoint stall / load / size", ckpt),
+        ("P2", "steps/s with vs without checkpoints", p2),
+        ("P4", "recovery after SIGKILL", p4),
+        ("M1-M3", "memory and time of moving a checkpoint", memory),
+    ):
+        if wanted is None or rid in wanted:
+            section(table, rid, metric, fn)
 
     header.append(f"- load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header.append(f"- wall time: {time.monotonic() - T0:.0f} s")
