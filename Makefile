@@ -41,7 +41,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 
 chaos: setup
-	$(PY) -m pytest -q -s -m chaos tests/chaos
+	$(PY) tests/chaos/run.py
 
 bench: setup
 	$(PY) tests/bench/run.py

@@ -36,6 +36,8 @@ from train.errors import (
     EXIT_COLLECTIVE_TIMEOUT,
     EXIT_CRASH,
     EXIT_PEER,
+    ConfigError,
+    DataError,
     PermanentError,
     RunDirError,
     StorageError,
@@ -45,6 +47,7 @@ from train.errors import (
 log = logging.getLogger("train")
 STATUS_FILE = "exit_status.json"
 STATUS_ENV = "FTJOB_STATUS_FILE"
+PEER_GRACE_S = 10.0  # how long a quiet rank waits for the one that reports a permanent error
 
 # Words of torch's gloo/nccl/store errors when the other side went away, or did not answer in time.
 _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
@@ -136,7 +139,15 @@ def _write(path: Path, status: dict) -> None:
 
 def permanent(error: PermanentError, run_dir: str | None) -> int:
     code = error.exit_code
-    agent = warmstart.torchrun_agent() if os.environ.get("LOCAL_RANK", "0") == "0" else None
+    record_exit(run_dir, code, str(error), secondary=not error.echo)
+    agent = warmstart.torchrun_agent()
+    # Config and data errors are met alike by every rank of a node (same command line, same files,
+    # before any process group): its local rank 0 speaks for them. A quiet rank waits for the one
+    # that speaks to stop torchrun, which stops this rank too: the error is said once, and torchrun
+    # never sees a quiet rank exit first and restarts the group. If nobody stops it, it goes on.
+    alike = isinstance(error, (ConfigError, DataError)) and os.environ.get("LOCAL_RANK", "0") != "0"
+    if agent and (alike or not error.echo):
+        time.sleep(PEER_GRACE_S)
     action = f"; stopping torchrun (pid {agent}) so it does not restart" if agent else ""
     if error.echo:
         print(
@@ -144,7 +155,6 @@ def permanent(error: PermanentError, run_dir: str | None) -> int:
             file=sys.stderr,
             flush=True,
         )
-    record_exit(run_dir, code, str(error), secondary=not error.echo)
     if agent:
         os.kill(agent, signal.SIGTERM)
     return code

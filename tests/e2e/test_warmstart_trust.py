@@ -10,11 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -22,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from chaos.squatter import Squat
 from conftest import MAIN, REPO, metrics_rows, newest_checkpoint, run_torchrun, tiny_args
 from safetensors.torch import load_file
 
@@ -235,82 +234,24 @@ def _alive(pid: int) -> bool:
 
 
 # -- a real second user ----------------------------------------------------------------------------
-SQUATTER = textwrap.dedent(
-    """
-    # Runs as another user: squats every name a worker of a torchrun on this machine might connect to.
-    import json, os, select, socket, sys, time
-    shared, log_path, victim, uid = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    log = open(log_path, "a", buffering=1)
-    squat = os.path.join(shared, f"ftjob-{uid}")
-    os.mkdir(squat, 0o777); os.chmod(squat, 0o777)
-    listeners, conns, seen = [], [], set()
-    deadline = time.monotonic() + float(sys.argv[5])
-    while time.monotonic() < deadline:
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or entry in seen:
-                continue
-            try:
-                cmd = open(f"/proc/{entry}/cmdline", "rb").read()
-                ticks = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[19]
-            except OSError:
-                continue
-            seen.add(entry)
-            if b"torch.distributed.run" not in cmd:
-                continue
-            for address in (f"\\0ftjob-zygote-{uid}-{entry}-{ticks}",
-                            os.path.join(squat, f"zygote-{entry}-{ticks}.sock")):
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    s.bind(address); s.listen(16); listeners.append(s)
-                    log.write(f"bound {address!r}\\n")
-                except OSError as e:
-                    log.write(f"bind failed {address!r}: {e}\\n")
-            with open(os.path.join(squat, f"zygote-{entry}-{ticks}.pid"), "w") as f:
-                me = open(f"/proc/{os.getpid()}/stat").read().rsplit(")", 1)[1].split()[19]
-                json.dump({"pid": os.getpid(), "start": me}, f)
-        ready, _, _ = select.select(listeners + conns, [], [], 0.02)
-        for s in ready:
-            if s in listeners:
-                c, _ = s.accept(); conns.append(c); log.write("accepted\\n")
-                c.sendall(f"pid {victim}\\n".encode())  # the old protocol's "please signal this pid"
-            else:
-                data = s.recv(65536)
-                log.write(f"received {len(data)} bytes\\n")
-                if not data:
-                    conns.remove(s); s.close()
-    """
-)
-
-
 @pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
 def test_another_user_squatting_the_socket_gets_nothing_and_the_run_is_correct(
     corpus: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    shared = Path(tempfile.mkdtemp(prefix="ftjob-squat-"))  # a second /tmp: sticky, world-writable
-    shared.chmod(0o1777)
-    log = shared / "squatter.log"
-    log.touch()
-    log.chmod(0o666)
-    script = shared / "squatter.py"
-    script.write_text(SQUATTER)
-    script.chmod(0o644)
-    victim = subprocess.Popen(["sleep", "300"])  # a process of ours the squatter would like killed
-    steps = 24
-    squatter = subprocess.Popen(
-        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-         sys.executable, str(script), str(shared), str(log), str(victim.pid), str(os.getuid()), "90"]
-    )  # fmt: skip
+    """The squatter (tests/chaos/squatter.py, as uid 65534) owns the runtime dir a job with its
+    TMPDIR would use, binds the new and the old socket names, and would have a process killed."""
+    run_dir, steps = tmp_path / "run", 24
+    squat = Squat(run_dir, seconds=90)
     try:
-        env = {"TMPDIR": str(shared), "FTJOB_FAULT": "slow:ms=60:restart=any;crash:step=12:rank=1"}
+        env = {"TMPDIR": str(squat.shared), "FTJOB_FAULT": "slow:ms=60:restart=any;crash:step=12:rank=1"}
         monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
         monkeypatch.delenv(warmstart.RUNTIME_DIR_ENV, raising=False)
-        run_dir = tmp_path / "run"
         result = run_torchrun(tiny_args(run_dir, corpus, max_steps=steps), max_restarts=2, env=env)
-        squatted = log.read_text()
+        squatted = squat.log.read_text()
         assert "bound" in squatted, squatted  # the attack was in place before the crash
         assert result.returncode == 0, result.stderr[-3000:]
         assert "accepted" not in squatted and "received" not in squatted, squatted
-        assert victim.poll() is None, "the worker killed a pid the squatter named"
+        assert squat.victim.poll() is None, "the worker killed a pid the squatter named"
         assert result.stderr.count("warning: warm restarts off:") == 1, result.stderr[-3000:]
         assert f"belongs to uid {NOBODY}" in result.stderr
         assert "warm restart: trainer forked" not in result.stderr  # cold, as it must be
@@ -324,8 +265,4 @@ def test_another_user_squatting_the_socket_gets_nothing_and_the_run_is_correct(
         want = load_file(reference / "checkpoints" / f"step_{steps:08d}" / "model.safetensors")
         assert got.keys() == want.keys() and all((got[k] == want[k]).all() for k in want)
     finally:
-        squatter.send_signal(signal.SIGKILL)
-        squatter.wait()
-        victim.kill()
-        victim.wait()
-        shutil.rmtree(shared, ignore_errors=True)
+        squat.close()
