@@ -72,11 +72,14 @@ class SavePolicy:
         self._last_error = ""
 
     # -- space ---------------------------------------------------------------------------------------
-    def _space(self) -> str:
+    def _disk(self) -> tuple[Path, int | None, int]:
+        """(where checkpoints go, free bytes there or None, bytes held by its checkpoints): read once."""
         root = Path(self.manager.storage.location(""))
-        free = free_bytes(root)
+        return root, free_bytes(root), sum(i.size for i in self.manager.list())
+
+    def _space(self, disk: tuple[Path, int | None, int] | None = None) -> str:
+        root, free, existing = disk or self._disk()
         size = self._size or 0
-        existing = sum(i.size for i in self.manager.list())
         need = (self.cfg.keep + 1) * size
         have = "free space unknown" if free is None else f"{_mb(free)} free + {_mb(existing)} in checkpoints"
         return (
@@ -84,23 +87,28 @@ class SavePolicy:
             f"{_mb(size)} = {_mb(need)} on {root}; {have}"
         )
 
+    def _newest(self) -> str:
+        step = next((i.step for i in self.manager.list() if i.valid), None)
+        return f"step {step}" if step is not None else "none"
+
     def before_save(self, size: int) -> None:
-        """Rank 0, before a save is handed to the writer: the first time, say what the run needs;
+        """A writer, before a save is handed to its thread: the first time, say what the run needs;
         every time, refuse a save that cannot fit (it would only fill the disk and fail)."""
         first, self._size = self._size is None, size
-        root = Path(self.manager.storage.location(""))
-        free = free_bytes(root)
         if first:
-            existing = sum(i.size for i in self.manager.list())
+            disk = self._disk()
+            _, free, existing = disk
             short = free is not None and free + existing < (self.cfg.keep + 1) * size
             (log.warning if short else log.info)(
                 "checkpoint space: %s%s",
-                self._space(),
+                self._space(disk),
                 "; not enough: saves will fail once the disk fills (free space, lower --ckpt.keep "
                 "or move --run-dir)"
                 if short
                 else "",
             )
+        else:
+            free = free_bytes(Path(self.manager.storage.location("")))
         if free is not None and free < size:
             raise OSError(errno.ENOSPC, f"only {_mb(free)} free for a {_mb(size)} checkpoint")
 
@@ -163,7 +171,6 @@ class SavePolicy:
         """Log one line; return the exit code if the job gives up now, else 0."""
         cause = getattr(error, "__cause__", None) or error
         full = isinstance(cause, OSError) and cause.errno in _FULL
-        newest = next((i.step for i in self.manager.list() if i.valid), None)
         self._last_error = f"{type(cause).__name__}: {cause}"
         gives_up = final or self.failures >= self.cfg.max_failures
         then = (
@@ -177,7 +184,7 @@ class SavePolicy:
             self._last_error,
             f"{self._space()}; " if full else "",
             then,
-            f"step {newest}" if newest is not None else "none",
+            self._newest(),
         )
         if not gives_up:
             return 0
@@ -189,9 +196,8 @@ class SavePolicy:
             if self.failures < self.cfg.max_failures
             else (f"{self.failures} checkpoint saves in a row")
         )
-        newest = next((i.step for i in self.manager.list() if i.valid), None)
         return (
             f"{what} failed ({self._last_error}); the newest checkpoint is "
-            f"{f'step {newest}' if newest is not None else 'none'}; {self._space()}; free space, lower "
+            f"{self._newest()}; {self._space()}; free space, lower "
             "--ckpt.keep or move --run-dir, then start again: it resumes from there"
         )
