@@ -54,6 +54,11 @@ else
     endpoint=${RDZV_ENDPOINT:?"multi-node (NNODES=$nnodes) needs RDZV_ENDPOINT=host:port"}
     rdzv=(--nnodes="$nnodes" --rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-ftjob}"
         --rdzv-conf="${RDZV_CONF:-keep_alive_interval=1,keep_alive_max_attempt=3}")
+    # A node that joins a running job (a replacement, a scale-up) must learn where the workers'
+    # store is: torch 2.13's agent-shared store publishes that only in the first rendezvous round,
+    # so the joiner would wait out join_timeout. Unshared, every round publishes it (rank 0 of
+    # the workers hosts it; see tests/e2e/test_replacement_node.py).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
     # A pod's DNS name appears a little after the pod starts; torchrun fails at once without it.
     host=${endpoint%:*}
     if command -v getent >/dev/null; then

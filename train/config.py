@@ -75,6 +75,13 @@ class CkptConfig:
     save_timeout_s: float = 600.0
     """A save still running after this long counts as hung storage: the attempt ends (exit 147,
     retryable) instead of waiting forever."""
+    local_interval: int = 0
+    """Also save a node-local checkpoint every K steps between the durable ones (0: off): each node
+    writes its own copy to --ckpt.local-dir, nothing crosses the network, only the newest is kept.
+    Resume takes the newest valid checkpoint in either tier on any node."""
+    local_dir: str = ""
+    """Where node-local checkpoints go. Default: /dev/shm/ftjob-<uid>/<run id> (a RAM disk: lost on
+    reboot, counts as memory), or <run-dir>/local-checkpoints where there is no /dev/shm."""
 
 
 @dataclass
@@ -159,6 +166,7 @@ def validate(cfg: Config) -> None:
         (cfg.ckpt.keep >= 1, "--ckpt.keep must be >= 1 (the newest checkpoint is always kept)"),
         (cfg.ckpt.max_failures >= 1, "--ckpt.max-failures must be >= 1"),
         (cfg.ckpt.save_timeout_s > 0, "--ckpt.save-timeout-s must be > 0"),
+        (cfg.ckpt.local_interval >= 0, "--ckpt.local-interval must be >= 0 (0: no node-local tier)"),
         (cfg.data.seq_len >= 1, "--data.seq-len must be >= 1"),
         (cfg.data.val_every >= 2, "--data.val-every must be >= 2"),
         (

@@ -38,6 +38,7 @@ class DistEnv:
     backend: str | None  # None: a single process without a process group
     restart: int
     local_world_size: int = 1  # ranks on this node
+    node: int = 0  # this node's index among the job's nodes (torchrun's GROUP_RANK)
 
     @property
     def multi_node(self) -> bool:
@@ -136,7 +137,8 @@ def setup(backend: str, init_timeout_s: float) -> DistEnv:
             done.set()
     log.info("process group up: %s, rank %d/%d, generation %s", name, rank, world_size, generation[:8])
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return DistEnv(rank, world_size, local_rank, device, name, restart, local_world_size)
+    node = int(os.environ.get("GROUP_RANK", "0"))
+    return DistEnv(rank, world_size, local_rank, device, name, restart, local_world_size, node)
 
 
 def set_timeout(seconds: float) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,10 +26,21 @@ from train.dist import DistEnv
 log = logging.getLogger("train")
 
 
+@dataclass(frozen=True)
+class Layout:
+    writes: bool  # this rank writes (and reads) its node's checkpoints
+    shared: bool  # every node sees the same run directory (one node: True)
+
+
 def writes_checkpoints(run_dir: Path, env: DistEnv) -> bool:
     """Collective on multi-node runs: whether this rank writes (and reads) checkpoints."""
+    return layout(run_dir, env).writes
+
+
+def layout(run_dir: Path, env: DistEnv) -> Layout:
+    """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them."""
     if not env.multi_node:
-        return env.rank == 0
+        return Layout(env.rank == 0, True)
     marker = run_dir / f".node-{uuid.uuid4().hex}" if env.local_rank == 0 else None
     if marker is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +57,7 @@ def writes_checkpoints(run_dir: Path, env: DistEnv) -> bool:
     if shared.item() > 0:
         if env.rank == 0:
             log.info("the nodes share the run directory: rank 0 alone writes checkpoints")
-        return env.rank == 0
+        return Layout(env.rank == 0, True)
     if env.rank == 0:
         log.info("each node keeps its own copy of every checkpoint (run directories not shared)")
-    return env.local_rank == 0
+    return Layout(env.local_rank == 0, False)

@@ -3,9 +3,12 @@
 Each rank that writes checkpoints (one per node, see train/replicas.py) lists, reads and verifies
 its own checkpoint directory and reports its newest valid checkpoint (step and the digest of its
 files); every rank receives all reports and applies the same rule - the newest step held by any
-node, the lowest rank that holds it sends it - so ranks can never pick different checkpoints. The
-sender broadcasts a header and the files' bytes. A node whose disk was lost (or a replacement that
-joined with an empty directory) therefore resumes where the others are, never at step 1.
+node, the lowest rank that holds it sends it - so ranks can never pick different checkpoints.
+Every other rank that can see a copy of it on its own filesystem (its node's copy, or a shared run
+directory) reads and verifies that copy; only the ranks that cannot receive it, from the sender,
+in a process group of just those ranks. A node whose disk was lost (or a replacement that joined
+with an empty directory) therefore resumes where the others are, never at step 1, and the network
+carries a checkpoint only to the nodes that lack it.
 """
 
 from __future__ import annotations
@@ -15,12 +18,15 @@ import json
 import logging
 from pathlib import Path
 
+import torch.distributed as dist
+
 from train import comm
-from train.ckpt.manager import CheckpointManager, Loaded
+from train.ckpt.manager import CheckpointManager, Loaded, decode, load_newest
 from train.ckpt.manifest import Problem
+from train.ckpt.storage import LocalStorage
 from train.dist import DistEnv
 from train.errors import IncompatibleCheckpointError
-from train.state import TrainState
+from train.state import CKPT_FILES, TrainState
 
 log = logging.getLogger("train")
 
@@ -38,13 +44,7 @@ def last_logged_step(metrics_file: Path) -> int:
     return last
 
 
-def _decide(
-    manager: CheckpointManager, state: TrainState, fingerprint: str, run_dir: Path
-) -> tuple[dict, dict[str, bytes]]:
-    removed = manager.storage.clean_temporaries()
-    if removed:
-        log.info("removed %d leftover temporary checkpoint dir(s) from an interrupted write", len(removed))
-
+def _fits(state: TrainState, fingerprint: str):
     def fits(loaded: Loaded) -> None:
         if loaded.manifest.get("fingerprint") != fingerprint:
             return  # another model's checkpoint: a permanent error below, not a reason to fall back
@@ -53,7 +53,21 @@ def _decide(
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise Problem(f"its contents do not fit this job ({e})") from None
 
-    loaded = manager.load_latest(validate=fits)
+    return fits
+
+
+def _decide(
+    managers: list[CheckpointManager], state: TrainState, fingerprint: str, run_dir: Path, node: int
+) -> tuple[dict, dict[str, bytes]]:
+    for manager in managers:
+        removed = manager.storage.clean_temporaries()
+        if removed:
+            log.info(
+                "removed %d leftover temporary checkpoint dir(s) from an interrupted write in %s",
+                len(removed),
+                manager.storage.location(""),
+            )
+    loaded = load_newest(managers, validate=_fits(state, fingerprint))
     if loaded is None:
         return {"status": "none", "last_logged": last_logged_step(run_dir / "metrics.jsonl")}, {}
     if loaded.manifest.get("fingerprint") != fingerprint:
@@ -68,6 +82,7 @@ def _decide(
         }, {}
     header = {
         "status": "ok",
+        "node": node,
         "step": loaded.step,
         "digest": _digest(loaded.manifest),
         "location": loaded.location,
@@ -101,13 +116,63 @@ def _choose(reports: list[dict]) -> tuple[int | None, dict]:
     return source, reports[source]
 
 
+def _read_copy(header: dict, holders: list[dict], state: TrainState, fingerprint: str) -> dict | None:
+    """The chosen checkpoint's files from a copy this rank can see on its own filesystem (a
+    holder's location: the same node, or a shared directory), verified; None if it sees none."""
+    for report in holders:
+        location = Path(report["location"])
+        if not (location / "manifest.json").is_file():
+            continue
+        reader = CheckpointManager(LocalStorage(location.parent), keep=1, files=CKPT_FILES)
+        try:
+            manifest, blobs = reader.read_verified(location.name)
+            if _digest(manifest) != header["digest"]:
+                continue  # the same path on this node holds something else
+            _fits(state, fingerprint)(
+                Loaded(header["step"], location.name, str(location), manifest, blobs, [], decode(blobs))
+            )
+        except Problem as p:
+            log.warning(
+                "the copy of checkpoint step %d at %s is not usable here: %s", header["step"], location, p
+            )
+            continue
+        return blobs
+    return None
+
+
+def _receive(header: dict, source: int, mine: dict, env: DistEnv, receivers: list[int]) -> dict:
+    """Send (``source``) or receive (``receivers``) the files, in a group of just those ranks."""
+    group = dist.new_group([source, *receivers]) if receivers else None  # every rank must call it
+    try:
+        if group is None or env.rank not in (source, *receivers):
+            return mine
+        return {
+            f: comm.broadcast_bytes(mine.get(f), env.device, src=source, group=group) for f in header["files"]
+        }
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
+
+
 def resume(
-    manager: CheckpointManager, state: TrainState, env: DistEnv, fingerprint: str, reads: bool
+    manager: CheckpointManager,
+    state: TrainState,
+    env: DistEnv,
+    fingerprint: str,
+    reads: bool,
+    local: CheckpointManager | None = None,
+    shared: bool = True,
 ) -> dict | None:
     """Restore ``state`` from the newest valid checkpoint on any node; return what the resume row
-    logs, or None. ``reads``: this rank reads its node's checkpoints (see train/replicas.py)."""
+    logs, or None. ``reads``: this rank reads its node's checkpoints (see train/replicas.py);
+    ``local``: its node-local tier as well (train/local_tier.py); ``shared``: the nodes share the
+    run directory, so a copy of another node's is visible here (otherwise only this node's are:
+    the same path on another machine is another disk)."""
     run_dir = Path(manager.storage.location("")).parent
-    report, blobs = _decide(manager, state, fingerprint, run_dir) if reads else ({"status": "skip"}, {})
+    managers = [manager, *([local] if local is not None else [])]
+    report, blobs = (
+        _decide(managers, state, fingerprint, run_dir, env.node) if reads else ({"status": "skip"}, {})
+    )
     if not env.backend:
         reports = [report]
     else:
@@ -126,11 +191,29 @@ def resume(
         else:
             log.info("no checkpoint to resume from: starting at step 1")
         return None
-    lacking = [r for r in reports if r["status"] != "skip" and r.get("step") != header["step"]]
-    if env.rank == source and lacking:
-        log.info("sending checkpoint step %d to the %d node(s) that lack it", header["step"], len(lacking))
-    mine = blobs if env.rank == source else {}
-    blobs = {f: comm.broadcast_bytes(mine.get(f), env.device, src=source) for f in header["files"]}
+    holders = [
+        r
+        for r in reports
+        if r["status"] == "ok"
+        and (r["step"], r["digest"]) == (header["step"], header["digest"])
+        and (shared or r["node"] == env.node)
+    ]
+    held = bool(blobs) and report.get("digest") == header["digest"] and report.get("step") == header["step"]
+    if not held:  # an older checkpoint of this node's, say: not what is loaded
+        blobs = _read_copy(header, holders, state, fingerprint) or {} if env.backend else {}
+    lacking = (
+        [b == b"1" for b in comm.all_gather_bytes(b"0" if blobs else b"1", env.device)]
+        if env.backend
+        else [False]
+    )
+    receivers = [rank for rank, lacks in enumerate(lacking) if lacks]
+    if env.rank == source and receivers:
+        log.info(
+            "sending checkpoint step %d to the %d rank(s) that cannot read a copy of it",
+            header["step"],
+            len(receivers),
+        )
+    blobs = _receive(header, source, blobs, env, receivers)
     state.restore(blobs, env.rank, env.world_size, env.device)
     lost = max(max(r.get("last_logged", 0) for r in reports) - header["step"], 0)
     log.info(
@@ -146,4 +229,5 @@ def resume(
         "lost_steps": lost,
         "skipped": [name for name, _ in header["skipped"]],
         "source_rank": source,
+        "received_by": receivers,
     }

@@ -24,6 +24,7 @@ import errno
 import logging
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -34,9 +35,14 @@ from train.config import CkptConfig
 from train.dist import DistEnv
 from train.errors import EXIT_DISK_FULL, EXIT_STORAGE, DiskFullError, StorageError
 
+if TYPE_CHECKING:
+    from train.local_tier import LocalTier
+
 log = logging.getLogger("train")
 POLL_S = 0.2
-FLAGS = 4  # any writer: still saving, gave up (disk full), gave up (other failure), hung
+# Any writer: still saving (durable), gave up (disk full), gave up (other failure), hung, still
+# saving (node-local tier).
+FLAGS = 5
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -63,8 +69,11 @@ class SavePolicy:
         cfg: CkptConfig,
         env: DistEnv,
         writes: bool,
+        tier: LocalTier | None = None,
     ):
         self.writer, self.manager, self.cfg, self.env, self.writes = writer, manager, cfg, env, writes
+        self.tier = tier
+        self.local_busy = False  # the node-local save in flight on some writer (every rank knows)
         self.failures = 0  # consecutive (on a writer)
         self._gave_up = False
         self._committed = writer.last_committed
@@ -118,6 +127,10 @@ class SavePolicy:
         if not self.writes:
             return [0.0] * FLAGS
         error = error or self.writer.take_error()
+        tier = self.tier.manager if self.tier is not None else None
+        if error is not None and tier is not None and self.writer.error_from is tier:
+            self.tier.failed(error)  # type: ignore[union-attr]  # never the job's failure
+            error = None
         if self.writer.last_committed != self._committed:
             self._committed, self.failures = self.writer.last_committed, 0
         code = 0
@@ -126,17 +139,19 @@ class SavePolicy:
             code = self._failed(error, final)
             self._gave_up = bool(code)
         overdue = self.writer.running_for() > self.cfg.save_timeout_s
+        local = self.writer.busy and tier is not None and self.writer.in_flight is tier
         return [
-            float(self.writer.busy),
+            float(self.writer.busy and not local),
             float(code == EXIT_DISK_FULL),
             float(code == EXIT_STORAGE),
             float(overdue),
+            float(local),
         ]
 
     def act(self, flags: list[float]) -> bool:
         """Every rank, on the all-reduced flags: raise if the job stops here; else whether a writer
-        is still saving."""
-        busy, full, failing, overdue = (x > 0 for x in flags)
+        is still saving a durable checkpoint (``local_busy``: a node-local one)."""
+        busy, full, failing, overdue, self.local_busy = (x > 0 for x in flags)
         mine = self.writes and (self._gave_up or self.writer.running_for() > self.cfg.save_timeout_s)
         if overdue:
             raise StorageError(
@@ -155,15 +170,15 @@ class SavePolicy:
         return busy
 
     def settle(self, final: bool = False) -> None:
-        """Collective: return once rank 0's save in flight is done, in short waits every rank
-        shares (see the module docstring)."""
+        """Collective: return once every writer's save in flight (of either tier) is done, in short
+        waits every rank shares (see the module docstring)."""
         while True:
             if self.writes:
                 self.writer.join(POLL_S)
             flags = torch.tensor(self.local_flags(final), dtype=torch.float32, device=self.env.device)
             if self.env.backend:
                 dist.all_reduce(flags)
-            if not self.act(flags.tolist()):
+            if not self.act(flags.tolist()) and not self.local_busy:
                 return
 
     # -- failures -------------------------------------------------------------------------------------

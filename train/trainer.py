@@ -15,14 +15,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train import comm, config, faults, preempt, rng
+from train import comm, config, faults, preempt, replicas, rng
 from train import dist as distributed
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import EXIT_PREEMPTED, StorageError
+from train.local_tier import LocalTier
 from train.metrics import Metrics
-from train.replicas import writes_checkpoints
 from train.resume import resume
 from train.sampler import BatchPlan, GlobalSampler, plan_batches
 from train.saving import SavePolicy
@@ -149,8 +149,10 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     state = TrainState(task.model, optimizer, scheduler, GlobalSampler(len(task.train_data), cfg.seed))
 
     manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=cfg.ckpt.keep, files=CKPT_FILES)
-    writes = writes_checkpoints(run_dir, env)
-    resumed = resume(manager, state, env, fingerprint, reads=writes)
+    nodes = replicas.layout(run_dir, env)
+    writes = nodes.writes
+    tier = LocalTier(cfg.ckpt, run_dir, writes)
+    resumed = resume(manager, state, env, fingerprint, reads=writes, local=tier.manager, shared=nodes.shared)
     model = (
         DDP(task.model, device_ids=[env.device] if env.device.type == "cuda" else None)
         if env.backend
@@ -165,7 +167,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         writer = CheckpointWriter(manager, background=True)
         # On the way out, wait for a save in flight, but never for one that is hung.
         stack.push(lambda kind, *_: writer.close(0 if kind is StorageError else cfg.ckpt.save_timeout_s))
-        policy = SavePolicy(writer, manager, cfg.ckpt, env, writes)
+        policy = SavePolicy(writer, manager, cfg.ckpt, env, writes, tier)
         metrics = Metrics(run_dir, env.is_main, state.step, cfg.max_steps, cfg.log_interval)
         stack.callback(metrics.close)
         if resumed is not None:
@@ -178,13 +180,21 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             """``last``: the final or preemption save, which every rank waits for."""
             blocking = last or not cfg.ckpt.async_save
             t0 = time.perf_counter()
-            if last:
+            if last or policy.local_busy:
                 policy.settle()  # the previous save first: one in flight at most
             writer.save(state.step, lambda: state.snapshot(env.device, writes), meta, precheck=check_space)
             if blocking:
                 policy.settle(final=last)
             stall = time.perf_counter() - t0 if blocking else writer.stall_s
             metrics.event("checkpoint", step=state.step, stall_s=stall)
+
+        def save_local() -> None:
+            snapshot = lambda: state.snapshot(env.device, tier.writing)  # noqa: E731
+            precheck = lambda: tier.before_save(state.nbytes())  # noqa: E731
+            writer.save(state.step, snapshot, meta, precheck=precheck, manager=tier.manager)
+            if not cfg.ckpt.async_save:
+                policy.settle()
+            metrics.event("checkpoint", step=state.step, stall_s=writer.stall_s, tier="local")
 
         def check_space() -> None:
             policy.before_save(state.nbytes())
@@ -236,6 +246,8 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
                         "written (slow storage?)",
                         state.step,
                     )
+                elif tier.due(state.step) and not (save_busy or policy.local_busy):
+                    save_local()  # skipped while any save runs: the next interval comes soon
                 if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or final) and not preempted:
                     val = evaluate(task, cfg, plan, env)
                     if val is not None:
@@ -249,5 +261,6 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             return EXIT_PREEMPTED
         if env.is_main and task.sample_fn is not None:
             log.info("sample:\n%s", task.sample_fn(task.model))
+        tier.remove()  # the final checkpoint is durable
         log.info("done: %d steps, checkpoints in %s", state.step, manager.storage.location(""))
     return 0

@@ -40,7 +40,6 @@ import json
 import os
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -48,6 +47,9 @@ import tempfile
 import time
 import tomllib
 from pathlib import Path
+
+from train import private
+from train.private import Untrusted
 
 AGENT_PID_ENV = "FTJOB_AGENT_PID"  # the torchrun agent, for a trainer whose parent is the zygote
 WARM_ENV = "FTJOB_WARM_START"  # set in a forked trainer: "<ms from worker start to fork>"
@@ -91,10 +93,6 @@ def start_ticks(pid: int) -> str:
 
 
 # -- where the socket lives ------------------------------------------------------------------------
-class Untrusted(Exception):
-    """The socket directory is not private to this user: no warm restarts."""
-
-
 def runtime_dir() -> Path:
     explicit = os.environ.get(RUNTIME_DIR_ENV)
     if explicit:
@@ -107,31 +105,16 @@ def runtime_dir() -> Path:
 
 def _private(path: Path) -> bool:
     try:
-        st = os.lstat(path)
-    except OSError:
+        private.private_dir(path, create=False)
+    except (OSError, Untrusted):
         return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+    return True
 
 
 def private_dir(create: bool) -> Path:
-    """runtime_dir(), made if asked; raises Untrusted unless it is a real directory (not a symlink)
-    that this user owns and nobody else can enter. Anyone could pre-create /tmp/ftjob-UID, so the
-    check matters; in a sticky /tmp nobody else can rename or replace it once it is ours."""
-    path = runtime_dir()
-    if create:
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(path, 0o700)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise Untrusted(f"{path} does not exist") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise Untrusted(f"{path} is not a directory")
-    if st.st_uid != os.getuid():
-        raise Untrusted(f"{path} belongs to uid {st.st_uid}, not {os.getuid()}")
-    if st.st_mode & 0o077:
-        raise Untrusted(f"{path} has mode {stat.S_IMODE(st.st_mode):o}; others may enter it")
-    return path
+    """runtime_dir(), made if asked; raises Untrusted unless only this user can enter it (anyone
+    could pre-create /tmp/ftjob-UID)."""
+    return private.private_dir(runtime_dir(), create)
 
 
 def socket_paths(agent: int) -> tuple[Path, Path]:

@@ -18,6 +18,9 @@ Rows:
   P4  recovery after SIGKILL of a rank (kill -> first step completed after the restart), ours vs
       tests/bench/seed_train.py (plain init_process_group + torch.save), same torchrun flags;
       ours with warm restarts off for reference
+  M1-M3 memory and time of moving a checkpoint (memory_bench.py)
+  L1-L3 the node-local tier: steps/s with it, steps lost to a SIGKILL and to a node loss
+      (local_tier_bench.py)
 """
 
 from __future__ import annotations
@@ -435,7 +438,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps, rounds and trials (~3-6 min)")
     p.add_argument("--out", default=str(ROOT / "results.md"), help="where to write the table")
-    p.add_argument("--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3")
+    p.add_argument("--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3")
     args = p.parse_args()
     q = args.quick
     out = Path(args.out)
@@ -446,6 +449,8 @@ def main() -> int:
         "p2": (1, 60) if q else (2, 110),  # (reps, steps): saves at 50 (quick), 50 and 100 (full)
         "p4": (3, 40.0) if q else (5, 40.0),  # (trials per side, timeout per trial; a good one ~8 s)
         "memory": 100 if q else 500,  # MB of state
+        "l1": (1, 60) if q else (2, 110),  # (reps, steps)
+        "l2": (2, 60) if q else (5, 80),  # (trials of each kind, steps)
     }
     header = [f"## ftjob benchmarks ({'quick' if q else 'full'} mode)", "", *machine()]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -657,6 +662,27 @@ def main() -> int:
                   f"cache warm), {size}", f"{got['received_s']:.2f} s", f"{got['local_s']:.2f} s",
                   got["received_s"] / got["local_s"], "<= 1.3x")  # fmt: skip
 
+    def local_tier() -> None:
+        from local_tier_bench import K, bench_l1, bench_l2_l3
+
+        r = raw["local"] = bench_l1(*plan["l1"])
+        none, local = (statistics.median(steps_per_s(t) for t in r["times"][v]) for v in ("none", "local"))
+        table.add("L1", f"steps/s, a local checkpoint every {K} steps (+ durable every 50) / no checkpoints, "
+                  f"default GPT, 2 ranks, {r['steps']} steps, median of {len(r['times']['none'])} runs each",
+                  f"{local:.3f}", f"{none:.3f}", local / none, ">= 0.97")  # fmt: skip
+        kills = raw["local_kills"] = bench_l2_l3(*plan["l2"])
+        for key, what in (
+            ("l2", "a SIGKILL of a random rank at a random instant"),
+            ("l3", "the loss of a whole node (its agent and workers), rank 0's and the other in turn"),
+        ):
+            ok = [t for t in kills[key] if "lost" in t]
+            worst = max((t["lost"] for t in ok), default=None)
+            lost = ", ".join(str(t["lost"]) for t in ok)
+            table.add(key.upper(), f"steps lost to {what}, worst of {len(ok)}/{len(kills[key])} trials "
+                      f"({lost}) / K = {K}", str(worst), str(K), worst / K if worst is not None else None,
+                      "<= 1x")  # fmt: skip
+            notes.extend(f"{key.upper()} trial failed: {t['error']}" for t in kills[key] if "error" in t)
+
     wanted = set(args.only.split(",")) if args.only else None
     for rid, metric, fn in (
         ("T1", "job vs bare DDP steps/s", t1),
@@ -664,6 +690,7 @@ def main() -> int:
         ("P2", "steps/s with vs without checkpoints", p2),
         ("P4", "recovery after SIGKILL", p4),
         ("M1-M3", "memory and time of moving a checkpoint", memory),
+        ("L1-L3", "the node-local tier", local_tier),
     ):
         if wanted is None or rid in wanted:
             section(table, rid, metric, fn)

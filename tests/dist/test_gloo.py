@@ -73,7 +73,7 @@ def _child(
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
             "WORLD_SIZE": str(WORLD),
-            **extra_env,
+            **{key: value.format(rank=rank) for key, value in extra_env.items()},
         }
     )
     handler = _ListHandler()
@@ -418,6 +418,8 @@ def test_resume_agrees_across_ranks(tmp_path):
         assert "another-fingerprint" in r["mismatch"] and FINGERPRINT in r["mismatch"]
         assert r["none"] is None and r["none_step"] == 0
     assert r0["resumed"] == r1["resumed"]
+    # One filesystem: rank 1 read and verified rank 0's copy itself; nothing crossed the network.
+    assert r0["resumed"]["received_by"] == []
     assert r0["weights"] == r1["weights"]
     o0 = torch.load(io.BytesIO(r0["optim"]), weights_only=True)
     o1 = torch.load(io.BytesIO(r1["optim"]), weights_only=True)
@@ -485,7 +487,7 @@ def test_snapshot_keeps_every_ranks_rng(tmp_path):
 
 
 def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
-    from train.replicas import writes_checkpoints
+    from train.replicas import layout, writes_checkpoints
     from train.resume import resume
 
     # Two "nodes" of one rank each, each with its own run dir: node 1 got further (step 5) than
@@ -493,10 +495,11 @@ def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
     state = _tiny_state(seed=10 + env.rank)
     _train_a_little(state, steps=3 + 2 * env.rank)
     own = Path(run_dirs[env.rank])
-    writes = writes_checkpoints(own, env)
+    nodes = layout(own, env)
+    writes = nodes.writes
     _manager(own).save(state.step, state.snapshot(env.device, writes)(), {"fingerprint": FINGERPRINT})
     fresh = _tiny_state(seed=500 + env.rank)
-    resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=writes)
+    resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=writes, shared=nodes.shared)
     return {
         "writes": writes,
         "shared_writes": writes_checkpoints(Path(shared_dir), env),
@@ -508,12 +511,15 @@ def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
 
 def test_the_newest_checkpoint_on_any_node_is_the_one_every_rank_loads(tmp_path):
     run_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
-    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
     (r0, _), (r1, _) = run_group(_replica_worker, run_dirs, str(tmp_path / "shared"), extra_env=nodes)
     assert r0["writes"] and r1["writes"]  # separate run dirs: each node keeps its own copy
     assert (r0["shared_writes"], r1["shared_writes"]) == (True, False)  # a shared dir: rank 0 alone
     for r in (r0, r1):
         assert r["resumed"]["step"] == 5 and r["resumed"]["source_rank"] == 1 and r["step"] == 5
+        # Node 0 holds only its older step 3; another node's run dir is another machine's disk
+        # (run dirs not shared), so node 1 sends step 5 to node 0's rank, and to it alone.
+        assert r["resumed"]["received_by"] == [0]
     assert r0["weights"] == r1["weights"]
     saved = safetensors.torch.load_file(
         str(Path(run_dirs[1]) / "checkpoints" / "step_00000005" / "model.safetensors")

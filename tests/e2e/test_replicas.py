@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import MAIN, REPO, TORCHRUN, free_port, metrics_rows, process_tree, tiny_args
 
 STORE = """
@@ -55,8 +56,8 @@ def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in metrics_rows(run_dir) if r["kind"] == "train"]
 
 
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    root = run_dir / "checkpoints"
+def checkpoint_steps(run_dir: Path, tier: str = "checkpoints") -> list[int]:
+    root = run_dir / tier
     return (
         sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit()) if root.exists() else []
     )
@@ -75,20 +76,25 @@ def kill_tree(proc: subprocess.Popen) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("local_interval", [0, 3])
 def test_losing_rank_0s_node_and_its_disk_resumes_from_the_other_nodes_copy(
-    corpus: Path, tmp_path: Path
+    corpus: Path, tmp_path: Path, local_interval: int
 ) -> None:
+    """With a node-local tier (every 3 steps; durable every 20), the survivor resumes from its own
+    local copy; without one (durable every 5), from its own durable copy."""
     port, steps = free_port(), 60
+    interval, lost_at_most = (20, 3) if local_interval else (5, 5)
     store = subprocess.Popen([sys.executable, "-c", STORE, str(port)], stdout=subprocess.PIPE, text=True)
     agents: list[subprocess.Popen] = []
     try:
         assert store.stdout is not None and store.stdout.readline().strip() == "ready"
-        dirs = [tmp_path / f"node{i}" for i in range(2)]
+        dirs = [tmp_path / f"node{i}" / "run" for i in range(2)]
         cache = tmp_path / "cache"
 
         def args(run_dir: Path) -> list[str]:
+            tier = {"ckpt__local_interval": local_interval, "ckpt__local_dir": run_dir.parent / "local"}
             return [
-                *tiny_args(run_dir, corpus, max_steps=steps, ckpt__interval=5),
+                *tiny_args(run_dir, corpus, max_steps=steps, ckpt__interval=interval, **tier),
                 "--data.cache-dir",
                 str(cache),
             ]
@@ -97,18 +103,21 @@ def test_losing_rank_0s_node_and_its_disk_resumes_from_the_other_nodes_copy(
         wait(lambda: any(len(train_rows(d)) >= 12 for d in dirs), "two nodes training")
         holder = next(i for i in range(2) if train_rows(dirs[i]))  # rank 0 writes metrics in its dir
         other = 1 - holder
-        assert checkpoint_steps(dirs[other]), "the node without rank 0 kept no copy of its own"
+        own = dirs[other] / "checkpoints" if not local_interval else dirs[other].parent / "local"
+        wait(lambda: checkpoint_steps(own.parent, own.name), "the node without rank 0 keeping a copy")
         kill_tree(agents[holder])  # the node and its disk are gone: agent, worker, and its run dir
         killed_at = max(r["step"] for r in train_rows(dirs[holder]))
-        copies = checkpoint_steps(dirs[other])
+        copies = checkpoint_steps(own.parent, own.name)
 
         # The survivor is rank 0 now and writes metrics in its own dir: it must resume from its copy.
         wait(lambda: len(train_rows(dirs[other])) >= 3, "the survivor training alone")
         first = train_rows(dirs[other])[0]
         resumes = [r for r in metrics_rows(dirs[other]) if r["kind"] == "resume"]
-        assert resumes and resumes[0]["step"] >= max(copies) - 5 > 0, (resumes, copies)
+        assert resumes and resumes[0]["step"] >= max(copies) > 0, (resumes, copies)
+        assert resumes[0]["path"].startswith(str(own)), resumes[0]  # its own copy, of the newest tier
         assert first["step"] == resumes[0]["step"] + 1 and first["world_size"] == 1
-        assert killed_at - resumes[0]["step"] <= 5 + 1  # at most one checkpoint interval of work lost
+        # At most one interval of work lost (+1: the kill may land while the next save is written).
+        assert killed_at - resumes[0]["step"] <= lost_at_most + 1
 
         code = agents[other].wait(timeout=240)
         assert code == 0, (tmp_path / f"agent{other}.log").read_text()[-3000:]

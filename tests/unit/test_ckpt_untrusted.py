@@ -8,7 +8,6 @@ import os
 import pickle
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -229,12 +228,12 @@ def test_a_symlinked_checkpoint_directory_is_ignored_and_never_deleted_through(t
 def _allocations_up_to(monkeypatch, most: int) -> list[int]:
     sizes: list[int] = []
 
-    def empty(n, dtype):
+    def host_buffer(n):
         sizes.append(n)
         assert n <= most, f"allocated {n} bytes"
-        return np.empty(n, dtype)
+        return np.empty(n, np.uint8)
 
-    monkeypatch.setattr(storage_mod, "np", SimpleNamespace(empty=empty, uint8=np.uint8))
+    monkeypatch.setattr(storage_mod, "host_buffer", host_buffer)
     return sizes
 
 

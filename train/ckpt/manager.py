@@ -53,6 +53,9 @@ class Loaded:
     objects: dict[str, Any] = field(default_factory=dict)  # each blob deserialised (views of it)
 
 
+Validate = Callable[[Loaded], object]
+
+
 def decode(blobs: dict[str, bytes | memoryview]) -> dict[str, Any]:
     """Every file deserialised; manifest.Problem if one does not (checksums prove who wrote a file
     only as far as the manifest can be trusted)."""
@@ -102,14 +105,29 @@ class CheckpointManager:
             raw = None
         return mf.parse(raw, step if step is not None else -1, self.files)
 
-    def read_verified(self, name: str) -> tuple[dict, dict[str, bytes]]:
-        """All of a checkpoint's bytes, checked against its manifest; raises manifest.Problem."""
+    def manifest(self, name: str) -> dict:
+        """A checkpoint's manifest, checked (not its files); raises manifest.Problem."""
+        return self._manifest(name)
+
+    def read_verified(
+        self, name: str, on_chunk: Callable[[str, memoryview], object] | None = None
+    ) -> tuple[dict, dict[str, bytes]]:
+        """All of a checkpoint's bytes, checked against its manifest; raises manifest.Problem.
+        ``on_chunk(file, piece)`` sees each file's bytes as they are read, in the manifest's order
+        (to pass them on while the rest is read, say)."""
         manifest = self._manifest(name)
         blobs = {}
         for file, entry in manifest["files"].items():
             hashing = mf.BackgroundChecksum()
+            feed = hashing.feed
+            if on_chunk is not None:
+
+                def feed(piece: memoryview, file: str = file, hashing=hashing) -> None:
+                    hashing.feed(piece)
+                    on_chunk(file, piece)
+
             try:
-                data = self._read(name, file, on_chunk=hashing.feed, size=entry["size"])
+                data = self._read(name, file, on_chunk=feed, size=entry["size"])
             except FileNotFoundError:
                 raise mf.Problem(f"{file} is missing") from None
             mf.check_file(manifest, file, data, hashing)
@@ -124,6 +142,11 @@ class CheckpointManager:
             self._verified.add(name)
             self._failed.pop(name, None)
         return problem
+
+    def record(self, name: str, problem: str) -> None:
+        """What a caller found reading a checkpoint itself ("": it verified), so that retention
+        does not read it again."""
+        self._record(name, problem)
 
     def verify(self, name: str) -> str:
         """'' if the checkpoint verifies (and deserialises), else why not."""
@@ -163,25 +186,25 @@ class CheckpointManager:
     def load_latest(self, validate: Callable[[Loaded], object] | None = None) -> Loaded | None:
         """The newest checkpoint that verifies, deserialises and, if given, passes ``validate``
         (which rejects one by raising manifest.Problem; any other exception propagates)."""
-        skipped: list[tuple[str, str]] = []
-        for step, name in self._steps():
-            try:
-                manifest, blobs = self.read_verified(name)
-                location = self.storage.location(name)
-                loaded = Loaded(step, name, location, manifest, blobs, list(skipped), decode(blobs))
-                if validate is not None:
-                    validate(loaded)
-            except mf.Problem as p:
-                log.warning(
-                    "checkpoint %s is not usable (%s); trying the next older one",
-                    self.storage.location(name),
-                    p,
-                )
-                skipped.append((name, self._record(name, str(p))))
-                continue
-            self._record(name, "")
-            return loaded
-        return None
+        return load_newest([self], validate)
+
+    def _try_load(
+        self, step: int, name: str, skipped: list[tuple[str, str]], validate: Validate | None
+    ) -> Loaded | None:
+        try:
+            manifest, blobs = self.read_verified(name)
+            location = self.storage.location(name)
+            loaded = Loaded(step, name, location, manifest, blobs, list(skipped), decode(blobs))
+            if validate is not None:
+                validate(loaded)
+        except mf.Problem as p:
+            log.warning(
+                "checkpoint %s is not usable (%s); trying the next older one", self.storage.location(name), p
+            )
+            skipped.append((name, self._record(name, str(p))))
+            return None
+        self._record(name, "")
+        return loaded
 
     # -- writing -----------------------------------------------------------------------------
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -266,3 +289,17 @@ class CheckpointManager:
         if name not in self._verified and name not in self._failed:
             self.verify(name)
         return name in self._verified
+
+
+def load_newest(managers: list[CheckpointManager], validate: Validate | None = None) -> Loaded | None:
+    """load_latest over several tiers (say a fast node-local one and a durable one): the newest step
+    in any of them that loads; on equal steps the earlier manager in the list is tried first."""
+    candidates = sorted(
+        ((step, -i, name) for i, m in enumerate(managers) for step, name in m._steps()), reverse=True
+    )
+    skipped: list[tuple[str, str]] = []
+    for step, i, name in candidates:
+        loaded = managers[-i]._try_load(step, name, skipped, validate)
+        if loaded is not None:
+            return loaded
+    return None

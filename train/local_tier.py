@@ -1,0 +1,145 @@
+"""The node-local tier: a checkpoint every ``--ckpt.local-interval`` steps between the durable ones.
+
+Under DDP every node already holds the whole model and optimizer, so a fast local copy on each
+node needs no replication traffic: each checkpoint writer (one per node, train/replicas.py)
+saves into its node's local directory, by default a RAM disk (/dev/shm), and keeps only the
+newest one there. Resume takes the newest valid checkpoint of either tier on any node, so a
+SIGKILL, or the loss of a node, costs at most the steps since the last local save.
+
+A local save never stops the job: when the local directory lacks room (a save must leave
+``RESERVE`` of its filesystem free: /dev/shm is memory), that save is skipped with a warning; after
+``MAX_FAILURES`` other failures the tier is off for the rest of this attempt. The durable tier
+decides about failures, as without this one.
+
+The default directory is named after the run (an id kept in ``<run-dir>/.run-id``), so a new run in
+a wiped run directory never resumes an old run's local checkpoint, and lives in a directory only
+this user can enter. A run that completes removes its local directory (its final checkpoint is
+durable); one that is lost for good leaves it until reboot.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from train.ckpt.manager import CheckpointManager
+from train.ckpt.storage import LocalStorage
+from train.config import CkptConfig
+from train.private import Untrusted, private_dir
+from train.saving import free_bytes
+from train.state import CKPT_FILES
+
+log = logging.getLogger("train")
+RUN_ID_FILE = ".run-id"
+RAM_DISK = Path("/dev/shm")
+RESERVE = 0.10
+MAX_FAILURES = 3
+
+
+def run_id(run_dir: Path, create: bool) -> str | None:
+    """This run's id, made at its first start if asked (one per run directory)."""
+    path = run_dir / RUN_ID_FILE
+    try:
+        found = path.read_text().strip()
+        if re.fullmatch(r"[0-9a-f]{32}", found):
+            return found
+    except FileNotFoundError:
+        pass
+    if not create:
+        return None
+    new = uuid.uuid4().hex
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f"{RUN_ID_FILE}.{new}"
+    tmp.write_text(new + "\n")
+    os.replace(tmp, path)
+    return new
+
+
+def default_root(run_dir: Path, create: bool) -> Path | None:
+    """Where this run's local checkpoints go; with ``create`` false, None unless they may exist."""
+    if not (RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK | os.X_OK)):
+        return run_dir / "local-checkpoints"
+    rid = run_id(run_dir, create)
+    mine = RAM_DISK / f"ftjob-{os.getuid()}"
+    if rid is None or not (create or mine.is_dir()):
+        return None
+    return private_dir(mine, create) / rid
+
+
+class LocalTier:
+    def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool):
+        """``writes``: this rank writes (and reads) its node's checkpoints."""
+        self.interval = cfg.local_interval
+        self.manager: CheckpointManager | None = None
+        self._failures, self._warned = 0, False
+        self._writing = writes and self.interval > 0
+        if not writes:
+            return
+        try:
+            root = Path(cfg.local_dir) if cfg.local_dir else default_root(run_dir, self._writing)
+        except (OSError, Untrusted) as e:
+            if self._writing:
+                log.warning("node-local checkpoints off: %s (set --ckpt.local-dir to a private directory)", e)
+            self._writing = False
+            return
+        # Off now, but an earlier attempt's local checkpoints still count at resume.
+        if root is not None and (self._writing or root.is_dir()):
+            self.manager = CheckpointManager(LocalStorage(root), keep=1, files=CKPT_FILES)
+        self._writing = self._writing and self.manager is not None
+        if self._writing:
+            log.info(
+                "node-local checkpoints every %d steps in %s (only the newest kept)", self.interval, root
+            )
+
+    @property
+    def writing(self) -> bool:
+        return self._writing
+
+    def due(self, step: int) -> bool:
+        """The same answer on every rank (whether a rank then writes is its own business)."""
+        return self.interval > 0 and step % self.interval == 0
+
+    def before_save(self, size: int) -> None:
+        """Refuse a save that would leave less than RESERVE of the local filesystem free."""
+        assert self.manager is not None
+        root = Path(self.manager.storage.location(""))
+        free = free_bytes(root)
+        if free is None:
+            return
+        total = shutil.disk_usage(next(p for p in (root, *root.parents) if p.exists())).total
+        if free - size < RESERVE * total:
+            raise OSError(
+                errno.ENOSPC,
+                f"a {size / 1e6:.1f} MB local checkpoint would leave less than {RESERVE:.0%} of "
+                f"{root}'s filesystem free ({free / 1e6:.1f} MB free of {total / 1e6:.1f} MB); "
+                "skipping it (free memory/space, or set --ckpt.local-dir elsewhere)",
+            )
+
+    def failed(self, error: BaseException) -> None:
+        """A local save failed: warn; after MAX_FAILURES (lack of space aside), stop writing."""
+        cause = error.__cause__ or error
+        if isinstance(cause, OSError) and cause.errno == errno.ENOSPC:
+            (log.debug if self._warned else log.warning)(
+                "node-local checkpoint skipped: %s", cause.strerror or cause
+            )
+            self._warned = True
+            return
+        self._failures += 1
+        off = self._failures >= MAX_FAILURES
+        log.warning(
+            "node-local checkpoint failed (%s: %s)%s; durable checkpoints are not affected",
+            type(cause).__name__,
+            cause,
+            f"; {MAX_FAILURES} failures: no more local saves in this attempt" if off else "",
+        )
+        self._writing = self._writing and not off
+
+    def remove(self) -> None:
+        """After the final (durable) save of a completed run: the local copies are redundant."""
+        if self.manager is not None:
+            shutil.rmtree(self.manager.storage.location(""), ignore_errors=True)
