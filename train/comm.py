@@ -5,11 +5,8 @@ Bytes travel as uint8 tensors (no pickle on the wire); every helper is a no-op w
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
-
-from train.ckpt.buffers import host_buffer
 
 
 def _active() -> bool:
@@ -24,45 +21,6 @@ def _as_tensor(data: Buffer, device: torch.device) -> torch.Tensor:
         return torch.empty(0, dtype=torch.uint8, device=device)
     writable = bytearray(data) if isinstance(data, bytes) else data
     return torch.frombuffer(writable, dtype=torch.uint8).to(device)
-
-
-CHUNK = (
-    64 << 20
-)  # bytes per broadcast: bounds the device memory a transfer takes (a whole file on a GPU would not)
-
-
-def broadcast_bytes(
-    data: Buffer | None, device: torch.device, src: int = 0, group: dist.ProcessGroup | None = None
-) -> Buffer:
-    """``src``'s bytes on every rank. A receiver gets them in host memory that the transfer writes
-    straight into (gloo: no second copy; nccl: through one reusable CHUNK-sized device buffer), as a
-    writable memoryview, so tensors loaded from it can be views of it. ``src`` is a global rank,
-    also within ``group``."""
-    if not _active():
-        assert data is not None
-        return data
-    length = torch.tensor([len(data) if data is not None else 0], dtype=torch.long, device=device)
-    dist.broadcast(length, src, group=group)
-    size, sending = int(length.item()), dist.get_rank() == src
-    if sending:
-        host = np.frombuffer(bytearray(data) if isinstance(data, bytes) else data, dtype=np.uint8)  # type: ignore[arg-type]
-    else:
-        host = host_buffer(size)
-    staging = (
-        torch.empty(min(CHUNK, size), dtype=torch.uint8, device=device) if device.type != "cpu" else None
-    )
-    for start in range(0, size, CHUNK):
-        piece = torch.from_numpy(host[start : start + CHUNK])
-        if staging is None:
-            dist.broadcast(piece, src, group=group)  # in place: straight into (or out of) the host buffer
-            continue
-        chunk = staging[: piece.numel()]
-        if sending:
-            chunk.copy_(piece)
-        dist.broadcast(chunk, src, group=group)
-        if not sending:
-            piece.copy_(chunk)
-    return data if sending else memoryview(host)  # type: ignore[return-value]
 
 
 def all_gather_bytes(data: bytes, device: torch.device) -> list[bytes]:

@@ -1,14 +1,19 @@
 """Resume on every start: the newest valid checkpoint on any node, and every rank loads that one.
 
-Each rank that writes checkpoints (one per node, see train/replicas.py) lists, reads and verifies
-its own checkpoint directory and reports its newest valid checkpoint (step and the digest of its
-files); every rank receives all reports and applies the same rule - the newest step held by any
-node, the lowest rank that holds it sends it - so ranks can never pick different checkpoints.
-Every other rank that can see a copy of it on its own filesystem (its node's copy, or a shared run
-directory) reads and verifies that copy; only the ranks that cannot receive it, from the sender,
-in a process group of just those ranks. A node whose disk was lost (or a replacement that joined
-with an empty directory) therefore resumes where the others are, never at step 1, and the network
-carries a checkpoint only to the nodes that lack it.
+1. Each rank that writes checkpoints (one per node, train/replicas.py; in both tiers,
+   train/local_tier.py) lists its checkpoints - manifests and file sizes, nothing read yet - and
+   every rank receives every list.
+2. Every rank applies the same rule to the same lists, so no two can pick different checkpoints:
+   the newest step on any node; the lowest rank that holds it sends it.
+3. Every rank that can see a copy (its own node's, or any in a shared run directory) reads and
+   verifies that copy. The sender streams its copy, while reading it, to the ranks that cannot see
+   one (train/stream.py): only nodes that lack the checkpoint get it over the network. A receiver
+   verifies what arrives against the manifest, as a reader does.
+4. One all-gather of the outcomes. If any copy failed (checksum, decoding, does not fit the model)
+   the round repeats without it: another node's copy, or the next older step, as on one node.
+
+So a node whose disk was lost, or a replacement that joined with an empty directory, resumes where
+the others are, never at step 1.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from train import comm
-from train.ckpt.manager import CheckpointManager, Loaded, decode, load_newest
+from train import comm, stream
+from train.ckpt import manifest as mf
+from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.manifest import Problem
 from train.ckpt.storage import LocalStorage
 from train.dist import DistEnv
@@ -29,6 +35,7 @@ from train.errors import IncompatibleCheckpointError
 from train.state import CKPT_FILES, TrainState
 
 log = logging.getLogger("train")
+Blobs = dict[str, bytes | memoryview]
 
 
 def last_logged_step(metrics_file: Path) -> int:
@@ -44,22 +51,16 @@ def last_logged_step(metrics_file: Path) -> int:
     return last
 
 
-def _fits(state: TrainState, fingerprint: str):
-    def fits(loaded: Loaded) -> None:
-        if loaded.manifest.get("fingerprint") != fingerprint:
-            return  # another model's checkpoint: a permanent error below, not a reason to fall back
-        try:
-            state.check(loaded.objects)
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise Problem(f"its contents do not fit this job ({e})") from None
-
-    return fits
+def _digest(files: dict) -> str:
+    """The same on every node for the same state (each node's manifest has its own time)."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _decide(
-    managers: list[CheckpointManager], state: TrainState, fingerprint: str, run_dir: Path, node: int
-) -> tuple[dict, dict[str, bytes]]:
-    for manager in managers:
+def _candidates(managers: list[CheckpointManager]) -> list[dict]:
+    """Every checkpoint in every tier, newest first; those whose manifest or sizes do not check out
+    with the problem (they are never chosen, only reported as skipped)."""
+    found = []
+    for tier, manager in enumerate(managers):
         removed = manager.storage.clean_temporaries()
         if removed:
             log.info(
@@ -67,91 +68,152 @@ def _decide(
                 len(removed),
                 manager.storage.location(""),
             )
-    loaded = load_newest(managers, validate=_fits(state, fingerprint))
-    if loaded is None:
-        return {"status": "none", "last_logged": last_logged_step(run_dir / "metrics.jsonl")}, {}
-    if loaded.manifest.get("fingerprint") != fingerprint:
+        for info in manager.list():
+            location = manager.storage.location(info.name)
+            if not info.valid:
+                log.warning(
+                    "checkpoint %s is not usable (%s); trying the next older one", location, info.reason
+                )
+                found.append({"tier": tier, "name": info.name, "step": info.step, "problem": info.reason})
+                continue
+            try:
+                manifest = manager.manifest(info.name)
+            except Problem:
+                continue  # changed since listed
+            entries = manifest["files"]
+            found.append(
+                {
+                    "tier": tier,
+                    "name": info.name,
+                    "step": info.step,
+                    "location": location,
+                    "digest": _digest(entries),
+                    "fingerprint": manifest.get("fingerprint"),
+                    "entries": entries,
+                }
+            )
+    return sorted(found, key=lambda c: (-c["step"], c["tier"]))
+
+
+def _plan(reports: list[dict], excluded: set[tuple[int, str]], fingerprint: str) -> dict:
+    """What every rank does, from every rank's list: the same answer on every rank."""
+    listed = [
+        (c["step"], rank, c)
+        for rank, r in enumerate(reports)
+        for c in r["candidates"]
+        if "problem" not in c and (rank, c["location"]) not in excluded
+    ]
+    good = [x for x in listed if x[2]["fingerprint"] == fingerprint]
+    newest = max((step for step, _, _ in good), default=-1)
+    foreign = [c for step, _, c in listed if c["fingerprint"] != fingerprint and step >= newest]
+    if foreign:
+        c = max(foreign, key=lambda c: c["step"])
         return {
             "status": "error",
-            "step": loaded.step,
             "message": (
-                f"checkpoint {loaded.location} was written by a different model/config "
-                f"(fingerprint {loaded.manifest.get('fingerprint')} != {fingerprint}); "
+                f"checkpoint {c['location']} was written by a different model/config "
+                f"(fingerprint {c['fingerprint']} != {fingerprint}); "
                 "resume with the original --task/--model/--data settings or use a new --run-dir"
             ),
-        }, {}
-    header = {
-        "status": "ok",
-        "node": node,
-        "step": loaded.step,
-        "digest": _digest(loaded.manifest),
-        "location": loaded.location,
-        "files": sorted(loaded.blobs),
-        "skipped": loaded.skipped,
-        "last_logged": last_logged_step(run_dir / "metrics.jsonl"),
-    }
-    return header, loaded.blobs
-
-
-def _digest(manifest: dict) -> str:
-    """The same on every node for the same state (each node's manifest has its own time)."""
-    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _choose(reports: list[dict]) -> tuple[int | None, dict]:
-    """(the rank that sends, its report), or (None, why not) - the same answer on every rank."""
-    oks = [(r["step"], -rank, rank) for rank, r in enumerate(reports) if r["status"] == "ok"]
-    errors = [r for r in reports if r["status"] == "error"]
-    newest = max(oks)[0] if oks else -1
-    blocking = [r for r in errors if r.get("step", newest) >= newest]
-    if blocking:
-        return None, blocking[0]
-    if not oks:
-        last = max((r.get("last_logged", 0) for r in reports), default=0)
-        return None, {"status": "none", "last_logged": last}
-    source = max(oks)[2]
-    digests = {r["digest"] for r in reports if r["status"] == "ok" and r["step"] == newest}
-    if len(digests) > 1:
-        log.warning("nodes hold different checkpoints of step %d; using rank %d's", newest, source)
-    return source, reports[source]
-
-
-def _read_copy(header: dict, holders: list[dict], state: TrainState, fingerprint: str) -> dict | None:
-    """The chosen checkpoint's files from a copy this rank can see on its own filesystem (a
-    holder's location: the same node, or a shared directory), verified; None if it sees none."""
-    for report in holders:
-        location = Path(report["location"])
-        if not (location / "manifest.json").is_file():
-            continue
-        reader = CheckpointManager(LocalStorage(location.parent), keep=1, files=CKPT_FILES)
-        try:
-            manifest, blobs = reader.read_verified(location.name)
-            if _digest(manifest) != header["digest"]:
-                continue  # the same path on this node holds something else
-            _fits(state, fingerprint)(
-                Loaded(header["step"], location.name, str(location), manifest, blobs, [], decode(blobs))
-            )
-        except Problem as p:
-            log.warning(
-                "the copy of checkpoint step %d at %s is not usable here: %s", header["step"], location, p
-            )
-            continue
-        return blobs
-    return None
-
-
-def _receive(header: dict, source: int, mine: dict, env: DistEnv, receivers: list[int]) -> dict:
-    """Send (``source``) or receive (``receivers``) the files, in a group of just those ranks."""
-    group = dist.new_group([source, *receivers]) if receivers else None  # every rank must call it
-    try:
-        if group is None or env.rank not in (source, *receivers):
-            return mine
-        return {
-            f: comm.broadcast_bytes(mine.get(f), env.device, src=source, group=group) for f in header["files"]
         }
+    if not good:
+        return {"status": "none", "last_logged": max((r["last_logged"] for r in reports), default=0)}
+    source, chosen = min(((rank, c) for step, rank, c in good if step == newest), key=lambda x: x[0])
+    holders: dict[int, dict] = {}
+    for step, rank, c in sorted(good, key=lambda x: (x[1], x[2]["tier"])):
+        if step == newest and c["digest"] == chosen["digest"]:
+            holders.setdefault(rank, c)
+    if any(c["digest"] != chosen["digest"] for step, _, c in good if step == newest):
+        log.warning("nodes hold different checkpoints of step %d; using rank %d's", newest, source)
+    return {"status": "ok", "source": source, "chosen": chosen, "holders": holders}
+
+
+def _check(state: TrainState, entries: dict, blobs: Blobs) -> None:
+    try:
+        state.check(decode(blobs))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise Problem(f"its contents do not fit this job ({e})") from None
+    if set(blobs) != set(entries):
+        raise Problem("it does not hold the files its manifest lists")
+
+
+def _role(
+    rank: int, plan: dict, reports: list[dict], shared: bool, forced: set[int]
+) -> tuple[str, dict | None]:
+    """("own" | "copy" | "receive", the copy to read)."""
+    holders = plan["holders"]
+    if rank in holders:
+        return "own", holders[rank]
+    if rank not in forced:
+        node = reports[rank]["node"]
+        for holder, c in sorted(holders.items()):
+            if shared or reports[holder]["node"] == node:
+                return "copy", c
+    return "receive", None
+
+
+def _load(
+    env: DistEnv,
+    state: TrainState,
+    managers: list[CheckpointManager],
+    plan: dict,
+    roles: list[tuple[str, dict | None]],
+) -> tuple[Blobs, str]:
+    """This rank's part of one round: (its files, "" or why they are not usable)."""
+    source, chosen = plan["source"], plan["chosen"]
+    receivers = [rank for rank, (role, _) in enumerate(roles) if role == "receive"]
+    group = dist.new_group([source, *receivers]) if receivers else None  # every rank calls it
+    role, copy = roles[env.rank]
+    blobs: Blobs = {}
+    try:
+        if role == "receive":
+            return _receive(env, state, chosen, source, group)
+        if role == "own":
+            reader, name = managers[copy["tier"]], copy["name"]  # type: ignore[index]
+        else:
+            location = Path(copy["location"])  # type: ignore[index]
+            reader, name = (
+                CheckpointManager(LocalStorage(location.parent), keep=1, files=CKPT_FILES),
+                location.name,
+            )
+        relay = None
+        if env.rank == source and group is not None:
+            sizes = {f: e["size"] for f, e in chosen["entries"].items()}
+            relay = stream.Relay(sizes, env.device, source, group)
+        problem = ""
+        try:
+            manifest, blobs = reader.read_verified(name, on_chunk=relay.piece if relay else None)
+            if _digest(manifest["files"]) != chosen["digest"]:
+                raise Problem("it changed since it was listed")
+            _check(state, chosen["entries"], blobs)
+        except (Problem, FileNotFoundError, ValueError) as p:
+            problem = str(p) or "missing"
+        finally:
+            if relay is not None:  # the receivers wait for every chunk, whatever happened here
+                relay.finish(blobs)
+        if role == "own":
+            reader.record(name, problem)
+        return (blobs if not problem else {}), problem
     finally:
         if group is not None:
             dist.destroy_process_group(group)
+
+
+def _receive(env: DistEnv, state: TrainState, chosen: dict, source: int, group) -> tuple[Blobs, str]:
+    blobs: Blobs = {}
+    problems = []
+    for file, entry in chosen["entries"].items():
+        hashing = mf.BackgroundChecksum()
+        data = stream.receive(entry["size"], env.device, source, group, hashing.feed)
+        if hashing.digest_of(data) != entry["xxh3_64"]:
+            problems.append(f"{file}: checksum mismatch as received")
+        blobs[file] = data
+    if not problems:
+        try:
+            _check(state, chosen["entries"], blobs)
+        except Problem as p:
+            problems.append(str(p))
+    return (blobs if not problems else {}), "; ".join(problems)
 
 
 def resume(
@@ -170,64 +232,85 @@ def resume(
     the same path on another machine is another disk)."""
     run_dir = Path(manager.storage.location("")).parent
     managers = [manager, *([local] if local is not None else [])]
-    report, blobs = (
-        _decide(managers, state, fingerprint, run_dir, env.node) if reads else ({"status": "skip"}, {})
-    )
-    if not env.backend:
-        reports = [report]
-    else:
-        payload = json.dumps(report).encode()
-        reports = [json.loads(b) for b in comm.all_gather_bytes(payload, env.device)]
-    source, header = _choose(reports)
-    if header["status"] == "error":
-        raise IncompatibleCheckpointError(header["message"], echo=env.rank == 0)
-    if source is None:
-        if header["last_logged"]:
-            log.warning(
-                "no valid checkpoint on any node, but metrics.jsonl shows %d completed step(s): "
-                "they are lost; starting at step 1",
-                header["last_logged"],
-            )
-        else:
-            log.info("no checkpoint to resume from: starting at step 1")
-        return None
-    holders = [
-        r
-        for r in reports
-        if r["status"] == "ok"
-        and (r["step"], r["digest"]) == (header["step"], header["digest"])
-        and (shared or r["node"] == env.node)
-    ]
-    held = bool(blobs) and report.get("digest") == header["digest"] and report.get("step") == header["step"]
-    if not held:  # an older checkpoint of this node's, say: not what is loaded
-        blobs = _read_copy(header, holders, state, fingerprint) or {} if env.backend else {}
-    lacking = (
-        [b == b"1" for b in comm.all_gather_bytes(b"0" if blobs else b"1", env.device)]
-        if env.backend
-        else [False]
-    )
-    receivers = [rank for rank, lacks in enumerate(lacking) if lacks]
-    if env.rank == source and receivers:
+    report = {
+        "node": env.node,
+        "candidates": _candidates(managers) if reads else [],
+        "last_logged": last_logged_step(run_dir / "metrics.jsonl") if reads else 0,
+    }
+    reports = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(report).encode(), env.device)]
+    excluded: set[tuple[int, str]] = set()
+    forced: set[int] = set()
+    skipped: list[str] = []
+    while True:
+        plan = _plan(reports, excluded, fingerprint)
+        if plan["status"] == "error":
+            raise IncompatibleCheckpointError(plan["message"], echo=env.rank == 0)
+        if plan["status"] == "none":
+            if plan["last_logged"]:
+                log.warning(
+                    "no valid checkpoint on any node, but metrics.jsonl shows %d completed step(s): "
+                    "they are lost; starting at step 1",
+                    plan["last_logged"],
+                )
+            else:
+                log.info("no checkpoint to resume from: starting at step 1")
+            return None
+        roles = [_role(rank, plan, reports, shared, forced) for rank in range(len(reports))]
+        blobs, problem = _load(env, state, managers, plan, roles)
+        outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
+        if not any(outcomes):
+            break
+        _exclude(plan, roles, outcomes, excluded, forced, skipped)
+    chosen = plan["chosen"]
+    unusable = {
+        c["name"] for r in reports for c in r["candidates"] if "problem" in c and c["step"] > chosen["step"]
+    }
+    skipped = sorted(unusable.union(skipped), reverse=True)
+    receivers = [rank for rank, (role, _) in enumerate(roles) if role == "receive"]
+    if env.rank == plan["source"] and receivers:
         log.info(
-            "sending checkpoint step %d to the %d rank(s) that cannot read a copy of it",
-            header["step"],
-            len(receivers),
+            "sent checkpoint step %d to the rank(s) that cannot read a copy of it: %s",
+            chosen["step"],
+            receivers,
         )
-    blobs = _receive(header, source, blobs, env, receivers)
     state.restore(blobs, env.rank, env.world_size, env.device)
-    lost = max(max(r.get("last_logged", 0) for r in reports) - header["step"], 0)
+    lost = max(max(r["last_logged"] for r in reports) - chosen["step"], 0)
     log.info(
         "resumed from step %d (%s); %d completed step(s) lost, next step %d",
-        header["step"],
-        header["location"],
+        chosen["step"],
+        chosen["location"],
         lost,
-        header["step"] + 1,
+        chosen["step"] + 1,
     )
     return {
-        "step": header["step"],
-        "path": header["location"],
+        "step": chosen["step"],
+        "path": chosen["location"],
         "lost_steps": lost,
-        "skipped": [name for name, _ in header["skipped"]],
-        "source_rank": source,
+        "skipped": skipped,
+        "source_rank": plan["source"],
         "received_by": receivers,
     }
+
+
+def _exclude(
+    plan: dict,
+    roles: list[tuple[str, dict | None]],
+    outcomes: list[str],
+    excluded: set[tuple[int, str]],
+    forced: set[int],
+    skipped: list[str],
+) -> None:
+    """After a failed round: what the next one leaves out (the same on every rank)."""
+    source, chosen = plan["source"], plan["chosen"]
+    for rank, problem in enumerate(outcomes):
+        if not problem:
+            continue
+        role, copy = roles[rank]
+        if role == "copy":
+            forced.add(rank)  # it cannot read that copy after all: it receives one next time
+            continue
+        culprit = (rank, copy["location"]) if role == "own" else (source, chosen["location"])  # type: ignore[index]
+        if culprit not in excluded:
+            excluded.add(culprit)
+            skipped.append(Path(culprit[1]).name)
+            log.warning("checkpoint %s is not usable (%s); trying the next older one", culprit[1], problem)

@@ -2,7 +2,7 @@
 
 Both sides cut a file of known size into the same fixed chunks. The sender broadcasts each chunk
 as soon as its read has filled it, so reading and sending overlap, and a receiver writes each chunk
-straight into its own buffer of huge pages (see train/ckpt/buffers.py) and checksums it on a thread
+straight into its own buffer and checksums it on a thread
 while the next one arrives: receiving costs little more than the sender's read. Only the chunk
 travels on a GPU backend (one reusable CHUNK-sized device buffer), never a whole file.
 
@@ -18,8 +18,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from train.ckpt.buffers import host_buffer
 
 CHUNK = 16 << 20  # small enough to start sending early, big enough for gloo's full speed
 WINDOW = 2  # chunks in flight on a CPU backend
@@ -104,7 +102,7 @@ def receive(
     on_chunk: Callable[[memoryview], object],
 ) -> memoryview:
     """The sender's file: ``size`` bytes, each chunk handed to ``on_chunk`` in order once it landed."""
-    buffer = host_buffer(size)
+    buffer = np.empty(size, dtype=np.uint8)
     chunks = _Chunks(size, device, src, group)
     for start in range(0, size, CHUNK):
         view = buffer[start : start + CHUNK]

@@ -3,7 +3,8 @@
     python tests/bench/memory_bench.py save MB        rank 0 saving: peak RSS growth during a save
     torchrun --nproc_per_node=2 tests/bench/memory_bench.py resume MB DIR
                                                    rank 1 (a node without the checkpoint) receiving
-                                                   it from rank 0, vs loading it from its own disk
+                                                   it from rank 0
+    python tests/bench/memory_bench.py local MB DIR  the same checkpoint loaded from its own disk
 
 Peak RSS is the kernel's high-water mark (VmHWM), reset right before the measured part
 (/proc/self/clear_refs), so earlier peaks (the optimizer step's temporaries) do not hide it. The
@@ -68,11 +69,22 @@ def save(mb: int, root: Path) -> None:
         print(json.dumps({"kind": "save", "save": step, "state_bytes": state.nbytes(), "growth": growth}))
 
 
+def _one_cpu(index: int) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+
+
 def resume(mb: int, root: Path) -> None:
+    import dataclasses
+
     from train import dist as distributed
     from train.resume import resume as resume_state
 
     env = distributed.setup("gloo", 120)
+    # Two "nodes" on this machine: rank 0's run dir is not rank 1's (no shared filesystem), and
+    # each has a CPU of its own (the sender's reading and sending must not slow the receiver).
+    env = dataclasses.replace(env, node=env.rank)
+    _one_cpu(env.rank)
     try:
         # Rank 0 saves into its own dir; rank 1 (another "node", its dir empty) receives it.
         own = root / f"node{env.rank}"
@@ -83,46 +95,73 @@ def resume(mb: int, root: Path) -> None:
         torch.distributed.barrier()
         fresh = build_state(mb, 100 + env.rank)
         base, t0 = _reset_peak(), time.perf_counter()
-        resume_state(manager(own), fresh, env, "bench", reads=env.rank == 0)
+        resume_state(manager(own), fresh, env, "bench", reads=env.rank == 0, shared=False)
         received = time.perf_counter() - t0
         growth = _status("VmHWM") - base
         torch.distributed.barrier()
         if env.rank == 1:
-            # The same checkpoint from this rank's own disk (page cache warm), as a holder loads it.
-            local = manager(root / "node0")
-            fresh = build_state(mb, 200)
-            base, t0 = _reset_peak(), time.perf_counter()
-            loaded = local.load_latest(validate=lambda c: fresh.check(c.objects))
-            assert loaded is not None
-            fresh.restore(loaded.blobs, 0, 2, env.device)
-            local_s = time.perf_counter() - t0
-            local_growth = _status("VmHWM") - base
             row = {"kind": "resume", "state_bytes": fresh.nbytes(), "growth": growth, "received_s": received}
-            print(json.dumps({**row, "local_s": local_s, "local_growth": local_growth}), flush=True)
+            print(json.dumps(row), flush=True)
     finally:
         distributed.teardown()
+
+
+def local(mb: int, root: Path) -> None:
+    """The same checkpoint loaded from this process's own disk (a fresh process, as on a restart:
+    what a rank of a node that holds it does)."""
+    from train.dist import DistEnv
+    from train.resume import resume as resume_state
+
+    _one_cpu(1)  # the receiver's CPU: both sides of M3 get one
+    fresh = build_state(mb, 200)
+    cpu = torch.device("cpu")
+    base, t0 = _reset_peak(), time.perf_counter()
+    resume_state(manager(root / "node0"), fresh, DistEnv(0, 1, 0, cpu, None, 0), "bench", reads=True)
+    print(
+        json.dumps(
+            {"kind": "local", "local_s": time.perf_counter() - t0, "local_growth": _status("VmHWM") - base}
+        )
+    )
 
 
 if __name__ == "__main__":
     what, mb, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    save(mb, root) if what == "save" else resume(mb, root)
+    {"save": save, "resume": resume, "local": local}[what](mb, root)
 
 
-def measure(mb: int, work: Path, timeout: float = 600) -> dict:
-    """Both measurements in fresh processes (what make bench calls); {"save": [...], "resume": {...}}."""
+def measure(mb: int, work: Path, rounds: int = 3, timeout: float = 600) -> dict:
+    """Every measurement in fresh processes (what make bench calls); M2/M3 alternate ``rounds``
+    times and their medians go in the table: {"save": [...], "resume": {...}, "rounds": [...]}."""
     import shutil
+    import statistics
     import subprocess
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     me, env = str(Path(__file__).resolve()), {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = [sys.executable, me, "save", str(mb), str(work / "save")]
-    out = subprocess.run(run, capture_output=True, text=True, timeout=timeout, env=env, check=True).stdout
-    saves = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+    def rows(launcher: list[str], what: str, where: Path) -> list[dict]:
+        cmd = [*launcher, me, what, str(mb), str(where)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=True)
+        return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+    saves = rows([sys.executable], "save", work / "save")
+    # In a VM, memory the guest has never used costs a host fault per page on first touch (~3 us
+    # per 4 KiB page here, 1.5 s per GB; not so on bare metal), and whichever side of M3 happens to
+    # get such pages looks slow. Touch and free plenty of it once, so that neither side pays.
+    warm = f"import numpy as np; np.ones({16 * mb} << 20, np.uint8)"
+    subprocess.run([sys.executable, "-c", warm], timeout=timeout, check=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    run = [*torchrun, me, "resume", str(mb), str(work / "resume")]
-    out = subprocess.run(run, capture_output=True, text=True, timeout=timeout, env=env, check=True).stdout
-    (received,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    measured = []
+    for r in range(rounds):
+        where = work / f"resume{r}"
+        (received,) = rows(torchrun, "resume", where)
+        (loaded,) = rows([sys.executable], "local", where)
+        measured.append({**received, **loaded, "ratio": received["received_s"] / loaded["local_s"]})
+        shutil.rmtree(where, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    return {"save": saves, "resume": received}
+    median = {
+        k: statistics.median(m[k] for m in measured) for k in ("growth", "received_s", "local_s", "ratio")
+    }
+    return {"save": saves, "resume": {**measured[0], **median}, "rounds": measured}

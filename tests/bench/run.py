@@ -655,12 +655,13 @@ def main() -> int:
         table.add("M1", "the same, a later save (staging buffers reused)", fmt_mb(later["growth"]),
                   fmt_mb(later["state_bytes"]), later["growth"] / later["state_bytes"], "ref 0")  # fmt: skip
         got = r["resume"]
+        rounds = f"median of {len(r['rounds'])} rounds"
         table.add("M2", f"peak RSS growth of a rank receiving the checkpoint at resume / state bytes, {size}, "  # noqa: E501
-                  "2 ranks, gloo", fmt_mb(got["growth"]), fmt_mb(got["state_bytes"]),
+                  f"2 ranks, gloo, {rounds}", fmt_mb(got["growth"]), fmt_mb(got["state_bytes"]),
                   got["growth"] / got["state_bytes"], "<= 1.2x")  # fmt: skip
-        table.add("M3", "resume time of a receiving rank / a local load of the same checkpoint (page "
-                  f"cache warm), {size}", f"{got['received_s']:.2f} s", f"{got['local_s']:.2f} s",
-                  got["received_s"] / got["local_s"], "<= 1.3x")  # fmt: skip
+        table.add("M3", "resume time of a rank receiving the checkpoint / a local load of it, each a "
+                  f"fresh process, page cache warm, {size}, {rounds}", f"{got['received_s']:.2f} s",
+                  f"{got['local_s']:.2f} s", got["ratio"], "<= 1.3x")  # fmt: skip
 
     def local_tier() -> None:
         from local_tier_bench import K, bench_l1, bench_l2_l3

@@ -8,6 +8,7 @@ import os
 import pickle
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -228,12 +229,12 @@ def test_a_symlinked_checkpoint_directory_is_ignored_and_never_deleted_through(t
 def _allocations_up_to(monkeypatch, most: int) -> list[int]:
     sizes: list[int] = []
 
-    def host_buffer(n):
+    def empty(n, dtype):
         sizes.append(n)
         assert n <= most, f"allocated {n} bytes"
-        return np.empty(n, np.uint8)
+        return np.empty(n, dtype)
 
-    monkeypatch.setattr(storage_mod, "host_buffer", host_buffer)
+    monkeypatch.setattr(storage_mod, "np", SimpleNamespace(empty=empty, uint8=np.uint8))
     return sizes
 
 

@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import xxhash
 
 from train.ckpt import hooks
-from train.ckpt.buffers import host_buffer
 
 TMP_PREFIX = ".tmp-"
 DELETE_PREFIX = f"{TMP_PREFIX}delete-"
@@ -283,9 +283,9 @@ class LocalStorage:
                 raise Unreadable(f"{st.st_size} bytes, expected {size}", st.st_size)
             if limit is not None and st.st_size > limit:
                 raise Unreadable(f"{st.st_size} bytes, more than the {limit} allowed", st.st_size)
-            # Into uninitialised, writable memory (huge pages: see buffers.py): the fastest read,
-            # and loaded tensors can be views of it instead of copies.
-            view = memoryview(host_buffer(st.st_size))
+            # Into uninitialised, writable memory: the fastest read, and loaded tensors can be
+            # views of it instead of copies.
+            view = memoryview(np.empty(st.st_size, dtype=np.uint8))
             got = 0
             while got < len(view):
                 n = f.readinto(view[got : got + READ_CHUNK])

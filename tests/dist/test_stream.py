@@ -1,0 +1,110 @@
+"""Streaming a checkpoint to the ranks that lack it, over real 2-rank gloo groups: bytes arrive
+whole and in order while the sender still reads; a sender whose read fails still completes the
+protocol (no rank hangs); a copy that fails verification makes every rank fall back together."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import safetensors.torch
+import torch.distributed as dist
+from test_gloo import FINGERPRINT, _manager, _tiny_state, _train_a_little, run_group
+
+from train import stream
+from train.ckpt import manifest as mf
+
+FILES = {"a.bin": 2 * stream.CHUNK + 12345, "b.bin": 5, "empty.bin": 0, "c.bin": stream.CHUNK}
+
+
+def _stream_worker(env, root: str, truncate: bool) -> dict:
+    from train.ckpt.manager import CheckpointManager
+    from train.ckpt.storage import LocalStorage
+
+    manager = CheckpointManager(LocalStorage(root), keep=1)
+    group = dist.new_group([0, 1])
+    if env.rank == 0:
+        blobs = {f: os.urandom(n) for f, n in FILES.items()}
+        manager.commit(7, blobs, {})
+        entries = manager.manifest("step_00000007")["files"]
+        if truncate:
+            os.truncate(Path(root) / "step_00000007" / "a.bin", 1000)
+        relay = stream.Relay({f: e["size"] for f, e in entries.items()}, env.device, 0, group)
+        read: dict = {}
+        problem = ""
+        try:
+            _, read = manager.read_verified("step_00000007", on_chunk=relay.piece)
+        except mf.Problem as p:
+            problem = str(p)
+        finally:
+            relay.finish(read)
+        return {"sha": {f: hashlib.sha256(b).hexdigest() for f, b in blobs.items()}, "problem": problem}
+    got, landed = {}, []
+    for f, n in FILES.items():
+        data = stream.receive(n, env.device, 0, group, lambda piece: landed.append(len(piece)))
+        got[f] = hashlib.sha256(data).hexdigest()
+    dist.destroy_process_group(group)
+    return {
+        "sha": got,
+        "landed": landed,
+        "zeros": {f: hashlib.sha256(bytes(n)).hexdigest() for f, n in FILES.items()},
+    }
+
+
+def test_files_stream_whole_and_in_order_while_they_are_read(tmp_path: Path) -> None:
+    (sent, _), (received, _) = run_group(_stream_worker, str(tmp_path), False)
+    assert sent["problem"] == ""
+    assert received["sha"] == sent["sha"]
+    assert sum(received["landed"]) == sum(FILES.values())
+    assert max(received["landed"]) == stream.CHUNK  # in chunks, never a whole file at once
+
+
+def test_a_sender_whose_read_fails_still_sends_every_chunk(tmp_path: Path) -> None:
+    (sent, _), (received, _) = run_group(_stream_worker, str(tmp_path), True)
+    assert "a.bin" in sent["problem"]  # the read refused the torn file before reading it
+    # The receiver got the announced sizes (zeros: nothing was read), so its checksums fail; no hang.
+    assert received["sha"] == received["zeros"]
+
+
+def _fallback_worker(env, run_dirs: list[str]) -> dict:
+    from train.replicas import layout
+    from train.resume import resume
+
+    # Node 1 got further (step 5) but its copy of step 5 is corrupt; both nodes hold a step 3 of
+    # their own (different states: they trained differently).
+    state = _tiny_state(seed=10 + env.rank)
+    own = Path(run_dirs[env.rank])
+    nodes = layout(own, env)
+    _train_a_little(state, steps=3)
+    _manager(own).save(3, state.snapshot(env.device, True)(), {"fingerprint": FINGERPRINT})
+    if env.rank == 1:
+        _train_a_little(state, steps=2)
+        _manager(own).save(5, state.snapshot(env.device, True)(), {"fingerprint": FINGERPRINT})
+        model = own / "checkpoints" / "step_00000005" / "model.safetensors"
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+    else:
+        state.snapshot(env.device, True)  # the snapshot is collective
+    dist.barrier()
+    fresh = _tiny_state(seed=500 + env.rank)
+    resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
+    return {"resumed": resumed, "weights": safetensors.torch.save(fresh.model.state_dict())}
+
+
+def test_a_corrupt_newest_copy_makes_every_rank_fall_back_together(tmp_path: Path) -> None:
+    run_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
+    (r0, log0), (r1, log1) = run_group(_fallback_worker, run_dirs, extra_env=nodes)
+    # Round 1: node 1 streams its step 5 to node 0; both find it corrupt. Round 2: step 3, of
+    # which the nodes hold different states: the lowest rank's wins and goes to the other node.
+    for r in (r0, r1):
+        assert r["resumed"]["step"] == 3 and r["resumed"]["source_rank"] == 0
+        assert r["resumed"]["skipped"] == ["step_00000005"] and r["resumed"]["received_by"] == [1]
+    assert r0["weights"] == r1["weights"]
+    saved = safetensors.torch.load_file(
+        str(Path(run_dirs[0]) / "checkpoints" / "step_00000003" / "model.safetensors")
+    )
+    assert safetensors.torch.load(r0["weights"]).keys() == saved.keys()
+    assert any("step_00000005 is not usable" in line and "checksum mismatch" in line for line in log0 + log1)
