@@ -80,8 +80,9 @@ class CkptConfig:
     writes its own copy to --ckpt.local-dir, nothing crosses the network, only the newest is kept.
     Resume takes the newest valid checkpoint in either tier on any node."""
     local_dir: str = ""
-    """Where node-local checkpoints go. Default: /dev/shm/ftjob-<uid>/<run id> (a RAM disk: lost on
-    reboot, counts as memory), or <run-dir>/local-checkpoints where there is no /dev/shm."""
+    """Where node-local checkpoints go, in a directory named after the run: <dir>/<run id>. Default:
+    /dev/shm/ftjob-<uid>/<run id> (a RAM disk: lost on reboot, counts as memory), or
+    <run-dir>/local-checkpoints where there is no /dev/shm."""
 
 
 @dataclass

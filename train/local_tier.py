@@ -11,9 +11,9 @@ A local save never stops the job: when the local directory lacks room (a save mu
 ``MAX_FAILURES`` other failures the tier is off for the rest of this attempt. The durable tier
 decides about failures, as without this one.
 
-The default directory is named after the run (an id kept in ``<run-dir>/.run-id``), so a new run in
-a wiped run directory never resumes an old run's local checkpoint, and lives in a directory only
-this user can enter. A run that completes removes its local directory (its final checkpoint is
+The directory is named after the run (``<base>/<run id>``, the id kept in ``<run-dir>/.run-id``), so
+a new run in a wiped run directory never resumes an old run's local checkpoint and two runs never
+prune each other's; the default base is a directory on the RAM disk only this user can enter. A run that completes removes its local directory (its final checkpoint is
 durable); one that is lost for good leaves it until reboot.
 """
 
@@ -60,15 +60,25 @@ def run_id(run_dir: Path, create: bool) -> str | None:
     return new
 
 
-def default_root(run_dir: Path, create: bool) -> Path | None:
-    """Where this run's local checkpoints go; with ``create`` false, None unless they may exist."""
-    if not (RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK | os.X_OK)):
+def local_root(local_dir: str, run_dir: Path, create: bool) -> Path | None:
+    """This run's local directory, ``<base>/<run id>``: base ``--ckpt.local-dir``, else this
+    user's private directory on the RAM disk; without a RAM disk ``<run-dir>/local-checkpoints``
+    (the run directory is the run's own). With ``create`` false: None unless it may exist."""
+    if not local_dir and not (RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK | os.X_OK)):
         return run_dir / "local-checkpoints"
     rid = run_id(run_dir, create)
-    mine = RAM_DISK / f"ftjob-{os.getuid()}"
-    if rid is None or not (create or mine.is_dir()):
+    if rid is None:
+        return None
+    if local_dir:
+        return Path(local_dir) / rid
+    mine = private_base()
+    if not (create or mine.is_dir()):
         return None
     return private_dir(mine, create) / rid
+
+
+def private_base() -> Path:
+    return RAM_DISK / f"ftjob-{os.getuid()}"
 
 
 class LocalTier:
@@ -81,7 +91,7 @@ class LocalTier:
         if not writes:
             return
         try:
-            root = Path(cfg.local_dir) if cfg.local_dir else default_root(run_dir, self._writing)
+            root = local_root(cfg.local_dir, run_dir, self._writing)
         except (OSError, Untrusted) as e:
             if self._writing:
                 log.warning("node-local checkpoints off: %s (set --ckpt.local-dir to a private directory)", e)
@@ -108,6 +118,8 @@ class LocalTier:
         """Refuse a save that would leave less than RESERVE of the local filesystem free."""
         assert self.manager is not None
         root = Path(self.manager.storage.location(""))
+        if root.parent == private_base():  # removed meanwhile (logind's RemoveIPC)? made private again
+            private_dir(root.parent, create=True)
         free = free_bytes(root)
         if free is None:
             return

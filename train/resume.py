@@ -147,7 +147,8 @@ def _role(
     if rank not in forced:
         node = reports[rank]["node"]
         for holder, c in sorted(holders.items()):
-            if shared or reports[holder]["node"] == node:
+            # A shared run dir shares the durable tier; a node-local tier is only ever its node's.
+            if (shared and c["tier"] == 0) or reports[holder]["node"] == node:
                 return "copy", c
     return "receive", None
 
@@ -186,8 +187,10 @@ def _load(
             if _digest(manifest["files"]) != chosen["digest"]:
                 raise Problem("it changed since it was listed")
             _check(state, chosen["entries"], blobs)
-        except (Problem, FileNotFoundError, ValueError) as p:
-            problem = str(p) or "missing"
+        except Problem as p:
+            problem = str(p)
+        except Exception as e:  # an I/O error (EIO, ESTALE...): this copy fails, the round goes on
+            problem = f"{type(e).__name__}: {e}"
         finally:
             if relay is not None:  # the receivers wait for every chunk, whatever happened here
                 relay.finish(blobs)
@@ -211,8 +214,8 @@ def _receive(env: DistEnv, state: TrainState, chosen: dict, source: int, group) 
     if not problems:
         try:
             _check(state, chosen["entries"], blobs)
-        except Problem as p:
-            problems.append(str(p))
+        except Exception as e:
+            problems.append(str(e) if isinstance(e, Problem) else f"{type(e).__name__}: {e}")
     return (blobs if not problems else {}), "; ".join(problems)
 
 
@@ -241,6 +244,7 @@ def resume(
     excluded: set[tuple[int, str]] = set()
     forced: set[int] = set()
     skipped: list[str] = []
+    transfer_failures = 0
     while True:
         plan = _plan(reports, excluded, fingerprint)
         if plan["status"] == "error":
@@ -260,7 +264,13 @@ def resume(
         outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
         if not any(outcomes):
             break
-        _exclude(plan, roles, outcomes, excluded, forced, skipped)
+        blobs = {}  # not two copies in memory during the next round
+        transfer_failures += _exclude(plan, roles, outcomes, excluded, forced, skipped)
+        if transfer_failures > 1:
+            raise RuntimeError(
+                f"checkpoint step {plan['chosen']['step']} arrived corrupt twice, though its sender "
+                "verified it: a network or memory fault? ending this attempt"
+            )
     chosen = plan["chosen"]
     unusable = {
         c["name"] for r in reports for c in r["candidates"] if "problem" in c and c["step"] > chosen["step"]
@@ -299,18 +309,28 @@ def _exclude(
     excluded: set[tuple[int, str]],
     forced: set[int],
     skipped: list[str],
-) -> None:
-    """After a failed round: what the next one leaves out (the same on every rank)."""
+) -> int:
+    """After a failed round: what the next one leaves out (the same on every rank). Returns 1 if
+    only receivers failed (their copy arrived corrupt, though the sender verified it): then no
+    copy is dropped, the transfer is tried again."""
     source, chosen = plan["source"], plan["chosen"]
+    sender_ok = not outcomes[source]
+    transfer_only = True
     for rank, problem in enumerate(outcomes):
         if not problem:
             continue
         role, copy = roles[rank]
         if role == "copy":
             forced.add(rank)  # it cannot read that copy after all: it receives one next time
+            transfer_only = False
             continue
+        if role == "receive" and sender_ok:
+            log.warning("checkpoint %s arrived corrupt at rank %d (%s)", chosen["location"], rank, problem)
+            continue
+        transfer_only = False
         culprit = (rank, copy["location"]) if role == "own" else (source, chosen["location"])  # type: ignore[index]
         if culprit not in excluded:
             excluded.add(culprit)
             skipped.append(Path(culprit[1]).name)
             log.warning("checkpoint %s is not usable (%s); trying the next older one", culprit[1], problem)
+    return int(transfer_only)

@@ -75,14 +75,15 @@ class Sender(_Chunks):
         if parent is None or parent.ndim != 1 or parent.nbytes < self.size:
             return  # not a view of the file's buffer: everything goes at finish()
         self._parent = parent
-        while self.done + CHUNK <= self._read:
+        # Never past the size the receivers expect (a file that changed since it was listed).
+        while self.done + CHUNK <= min(self._read, self.size):
             self._broadcast(parent[self.done : self.done + CHUNK], sending=True)
 
     def finish(self, data: bytes | memoryview | None) -> None:
         """Send the rest: from ``data`` (the file as read), or zeros where the read failed."""
         whole = np.frombuffer(data, dtype=np.uint8) if data is not None and len(data) == self.size else None
         if whole is None and self._parent is not None:
-            whole = self._parent[: self._read]
+            whole = self._parent[: min(self._read, self.size)]
         zeros = None
         while self.done < self.size:
             end = min(self.done + CHUNK, self.size)

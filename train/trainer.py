@@ -194,7 +194,8 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             writer.save(state.step, snapshot, meta, precheck=precheck, manager=tier.manager)
             if not cfg.ckpt.async_save:
                 policy.settle()
-            metrics.event("checkpoint", step=state.step, stall_s=writer.stall_s, tier="local")
+            if tier.writing:
+                metrics.event("checkpoint", step=state.step, stall_s=writer.stall_s, tier="local")
 
         def check_space() -> None:
             policy.before_save(state.nbytes())

@@ -108,3 +108,49 @@ def test_a_corrupt_newest_copy_makes_every_rank_fall_back_together(tmp_path: Pat
     )
     assert safetensors.torch.load(r0["weights"]).keys() == saved.keys()
     assert any("step_00000005 is not usable" in line and "checksum mismatch" in line for line in log0 + log1)
+
+
+def _transfer_fault_worker(env, run_dirs: list[str], corrupt_times: int) -> dict:
+    from train import stream as stream_mod
+    from train.replicas import layout
+    from train.resume import resume
+
+    state = _tiny_state(seed=10 + env.rank)
+    own = Path(run_dirs[env.rank])
+    nodes = layout(own, env)
+    _train_a_little(state, steps=3)
+    files = state.snapshot(env.device, env.rank == 0)
+    if env.rank == 0:
+        _manager(own).save(3, files(), {"fingerprint": FINGERPRINT})
+    else:
+        # Stands in for a fault on the wire or in this node's memory: the first file received
+        # arrives with a flipped byte, ``corrupt_times`` times.
+        real, left = stream_mod.receive, [corrupt_times]
+
+        def faulty(*args, **kwargs):
+            data = real(*args, **kwargs)
+            if left[0] > 0 and len(data) > 0:
+                left[0] -= 1
+                data[0] ^= 0xFF
+            return data
+
+        stream_mod.receive = faulty
+    dist.barrier()
+    fresh = _tiny_state(seed=500 + env.rank)
+    try:
+        resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
+    except RuntimeError as e:
+        return {"error": str(e)}
+    return {"resumed": resumed, "weights": safetensors.torch.save(fresh.model.state_dict())}
+
+
+def test_a_copy_corrupted_in_transit_is_sent_again_not_dropped(tmp_path: Path) -> None:
+    run_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
+    (r0, _), (r1, log1) = run_group(_transfer_fault_worker, run_dirs, 1, extra_env=nodes)
+    for r in (r0, r1):  # the sender's copy verified: it is sent again, not dropped for an older step
+        assert r["resumed"]["step"] == 3 and r["resumed"]["skipped"] == []
+    assert r0["weights"] == r1["weights"]
+    # Corrupt every time: the attempt ends on every rank (a restart), it never falls back to step 1.
+    (e0, _), (e1, _) = run_group(_transfer_fault_worker, [str(tmp_path / "a"), str(tmp_path / "b")], 9, extra_env=nodes)
+    assert "arrived corrupt twice" in e0["error"] and "arrived corrupt twice" in e1["error"]

@@ -22,14 +22,15 @@ def test_sigkill_resumes_from_the_local_tier_bit_exact(corpus: Path, tmp_path: P
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SIGKILL after step 25" in result.stderr
-    assert f"resumed from step 24 ({local / 'step_00000024'})" in result.stderr
+    mine = local / (run_dir / ".run-id").read_text().strip()  # this run's, under --ckpt.local-dir
+    assert f"resumed from step 24 ({mine / 'step_00000024'})" in result.stderr
     assert "1 completed step(s) lost, next step 25" in result.stderr
     assert_same_run(reference, run_dir)
     rows = metrics_rows(run_dir)
     local_saves = [r["step"] for r in rows if r["kind"] == "checkpoint" and r.get("tier") == "local"]
     assert {3, 6, 9, 12, 24, 27}.issubset(local_saves) and not {10, 20, 30}.intersection(local_saves)
     assert [(r["step"], r["lost_steps"]) for r in rows if r["kind"] == "resume"] == [(24, 1)]
-    assert not local.exists()  # the run completed: its final checkpoint is durable, the local copy went
+    assert not mine.exists()  # the run completed: its final checkpoint is durable, the local copy went
 
 
 def test_the_local_tier_keeps_only_its_newest_checkpoint(corpus: Path, tmp_path: Path) -> None:
@@ -38,5 +39,6 @@ def test_the_local_tier_keeps_only_its_newest_checkpoint(corpus: Path, tmp_path:
     args = tiny_args(run_dir, corpus, max_steps=STEPS, ckpt__local_interval=5, ckpt__local_dir=local)
     result = run_torchrun(args, max_restarts=0, env={"FTJOB_FAULT": "slow:ms=30;crash:step=23:rank=0"})
     assert result.returncode != 0
-    assert sorted(p.name for p in local.iterdir()) == ["step_00000015"]
+    mine = local / (run_dir / ".run-id").read_text().strip()
+    assert sorted(p.name for p in mine.iterdir()) == ["step_00000015"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]

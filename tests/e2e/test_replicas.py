@@ -103,7 +103,10 @@ def test_losing_rank_0s_node_and_its_disk_resumes_from_the_other_nodes_copy(
         wait(lambda: any(len(train_rows(d)) >= 12 for d in dirs), "two nodes training")
         holder = next(i for i in range(2) if train_rows(dirs[i]))  # rank 0 writes metrics in its dir
         other = 1 - holder
-        own = dirs[other] / "checkpoints" if not local_interval else dirs[other].parent / "local"
+        own = dirs[other] / "checkpoints"
+        if local_interval:  # its own local tier: <local dir>/<run id>
+            wait(lambda: (dirs[other] / ".run-id").exists(), "the node without rank 0 starting")
+            own = dirs[other].parent / "local" / (dirs[other] / ".run-id").read_text().strip()
         wait(lambda: checkpoint_steps(own.parent, own.name), "the node without rank 0 keeping a copy")
         kill_tree(agents[holder])  # the node and its disk are gone: agent, worker, and its run dir
         killed_at = max(r["step"] for r in train_rows(dirs[holder]))
