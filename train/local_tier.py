@@ -13,8 +13,10 @@ decides about failures, as without this one.
 
 The directory is named after the run (``<base>/<run id>``, the id kept in ``<run-dir>/.run-id``), so
 a new run in a wiped run directory never resumes an old run's local checkpoint and two runs never
-prune each other's; the default base is a directory on the RAM disk only this user can enter. A run that completes removes its local directory (its final checkpoint is
-durable); one that is lost for good leaves it until reboot.
+prune each other's; the default base is a directory on the RAM disk only this user can enter. A
+run that completes removes its local directory (its final checkpoint is durable); one that is lost
+for good leaves it until reboot. A local save still running after --ckpt.save-timeout-s counts as
+hung storage, like a durable one: no further save could start behind it.
 """
 
 from __future__ import annotations

@@ -73,9 +73,7 @@ def _lost(dirs: list[Path], killed: float) -> dict:
 def l2_trial(i: int, steps: int) -> dict:
     name, rng = f"l2_{i}", random.Random(i)
     run_dir = fresh(WORK / name)
-    args = job_args(
-        run_dir, steps, ckpt__interval=50, ckpt__local_interval=K, ckpt__local_dir=WORK / f"{name}_local"
-    )
+    args = job_args(run_dir, steps, ckpt__interval=50, ckpt__local_interval=K)  # local dir: /dev/shm
     env = {k: v for k, v in os.environ.items() if k != "FTJOB_FAULT"}
     LOGS.mkdir(parents=True, exist_ok=True)
     with open(LOGS / f"{name}.log", "w") as log:

@@ -130,7 +130,7 @@ if __name__ == "__main__":
     {"save": save, "resume": resume, "local": local}[what](mb, root)
 
 
-def measure(mb: int, work: Path, rounds: int = 3, timeout: float = 600) -> dict:
+def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:
     """Every measurement in fresh processes (what make bench calls); M2/M3 alternate ``rounds``
     times and their medians go in the table: {"save": [...], "resume": {...}, "rounds": [...]}."""
     import shutil
