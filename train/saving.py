@@ -126,6 +126,10 @@ class SavePolicy:
         """This rank's contribution to the boundary all-reduce (summed: > 0 means "some writer")."""
         if not self.writes:
             return [0.0] * FLAGS
+        # "Still saving" first, then the error: a save that ends (and fails) in between is then
+        # seen as failed now, never as neither busy nor failed (its error would surface later,
+        # unhandled, from the writer).
+        busy, in_flight = self.writer.busy, self.writer.in_flight
         error = error or self.writer.take_error()
         tier = self.tier.manager if self.tier is not None else None
         if error is not None and tier is not None and self.writer.error_from is tier:
@@ -139,9 +143,9 @@ class SavePolicy:
             code = self._failed(error, final)
             self._gave_up = bool(code)
         overdue = self.writer.running_for() > self.cfg.save_timeout_s
-        local = self.writer.busy and tier is not None and self.writer.in_flight is tier
+        local = busy and tier is not None and in_flight is tier
         return [
-            float(self.writer.busy and not local),
+            float(busy and not local),
             float(code == EXIT_DISK_FULL),
             float(code == EXIT_STORAGE),
             float(overdue),
