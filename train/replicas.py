@@ -32,11 +32,6 @@ class Layout:
     shared: bool  # every node sees the same run directory (one node: True)
 
 
-def writes_checkpoints(run_dir: Path, env: DistEnv) -> bool:
-    """Collective on multi-node runs: whether this rank writes (and reads) checkpoints."""
-    return layout(run_dir, env).writes
-
-
 def layout(run_dir: Path, env: DistEnv) -> Layout:
     """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them."""
     if not env.multi_node:

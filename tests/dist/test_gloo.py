@@ -467,7 +467,7 @@ def test_snapshot_keeps_every_ranks_rng(tmp_path):
 
 
 def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
-    from train.replicas import layout, writes_checkpoints
+    from train.replicas import layout
     from train.resume import resume
 
     # Two "nodes" of one rank each, each with its own run dir: node 1 got further (step 5) than
@@ -482,7 +482,7 @@ def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
     resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=writes, shared=nodes.shared)
     return {
         "writes": writes,
-        "shared_writes": writes_checkpoints(Path(shared_dir), env),
+        "shared_writes": layout(Path(shared_dir), env).writes,
         "resumed": resumed,
         "step": fresh.step,
         "weights": safetensors.torch.save(fresh.model.state_dict()),
