@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test lint format chaos bench clean
+.PHONY: setup run test test-slurm lint format chaos bench clean
 
 # The stamp names the torch build, so `make setup TORCH_INDEX=...` after a CPU setup reinstalls.
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -26,11 +26,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 run: setup
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) --max-restarts=3 \
-		--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2 train/main.py $(ARGS)
+	$(VENV)/bin/ftjob --nproc-per-node=$(NPROC) -- $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q tests/unit tests/dist tests/e2e
+
+# A real two-node SLURM cluster on loopback (root: installs Debian's Slurm, tests/slurm/cluster.sh).
+test-slurm: setup
+	$(PY) -m pytest -q tests/slurm
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""Helper of launch/local.sh: the exit code a scheduler should see when torchrun has failed.
+"""The exit code a scheduler should see when torchrun has failed (used by launch/ftjob.py).
 
 torchrun exits 1 whatever its workers did. Two records say more; the launcher gives each node a
 private directory for them, so nodes never overwrite each other's:
@@ -9,12 +9,10 @@ private directory for them, so nodes never overwrite each other's:
   (``torchrun.err``), whose closing summary lists every failed worker - the only witness of a
   worker that died of a signal (SIGKILL by the OOM killer, SIGSEGV), which cannot write anything.
 
-    python launch/exit_status.py read STATUS_FILE RECORDS_DIR [STOP_SIGNAL_NUMBER]
-
-prints "CODE<TAB>REASON". Order: a permanent error or a clean preemption save the job recorded; a
-worker's death by signal that torchrun saw (128 + N: retryable); any other record of the job; the
-stop signal the launcher passed on (128 + N); else 144 - nothing says why, so it counts as
-retryable, like every unknown failure. Standard library only: it runs in milliseconds.
+Order: a permanent error or a clean preemption save the job recorded; a worker's death by signal
+that torchrun saw (128 + N: retryable); the loss of the rendezvous (145); any other record of the
+job; the stop signal the launcher passed on (128 + N); else 144 - nothing says why, so it counts
+as retryable, like every unknown failure. Standard library only: the launcher decides in milliseconds.
 """
 
 from __future__ import annotations
@@ -23,10 +21,12 @@ import contextlib
 import json
 import re
 import signal
-import sys
 from pathlib import Path
 
 EXIT_CRASH = 144  # train/errors.py: unknown, retryable (a unit test keeps the two equal)
+EXIT_PREEMPTED = 143  # saved at a step boundary: requeue to continue
+EXIT_PEER = 145  # another node failed first
+STATUS_ENV = "FTJOB_STATUS_FILE"  # train/failures.py reads the same variable
 
 
 def _json(path: str) -> dict | None:
@@ -67,11 +67,24 @@ def agent_record(records: str) -> tuple[int, str] | None:
     return 128 + number, why
 
 
+def rendezvous_lost(records: str) -> tuple[int, str] | None:
+    """torchrun lost its rendezvous store: with c10d it lives in one node's torchrun, gone with it."""
+    with contextlib.suppress(OSError):
+        if "RendezvousConnectionError" in (Path(records) / "torchrun.err").read_text(errors="replace"):
+            return EXIT_PEER, (
+                "lost the rendezvous: the node that hosts the c10d store is gone (retryable: a relaunch "
+                "brings the job back; an etcd rendezvous, RDZV_BACKEND=etcd, survives the loss of any node)"
+            )
+    return None
+
+
 def decide(status_file: str, records: str, stop_signal: int | None) -> tuple[int, str]:
     job = job_record(status_file)
-    if job is not None and not job[2] and (1 <= job[0] <= 127 or job[0] in (0, 143)):
+    # A permanent error counts even from a rank that only echoes another's (the same error, found
+    # by every rank); a finish or a save only from a rank that saw it itself.
+    if job is not None and (1 <= job[0] <= 127 or (not job[2] and job[0] in (0, 143))):
         return job[0], job[1]
-    agent = agent_record(records)
+    agent = agent_record(records) or rendezvous_lost(records)
     if agent is not None:
         return agent
     if job is not None:
@@ -79,17 +92,3 @@ def decide(status_file: str, records: str, stop_signal: int | None) -> tuple[int
     if stop_signal:
         return 128 + stop_signal, f"stopped by signal {stop_signal} before the job reported a status"
     return EXIT_CRASH, "the job reported no status and torchrun saw no signal (unknown: retryable)"
-
-
-def main(argv: list[str]) -> int:
-    if argv[:1] == ["read"] and len(argv) >= 3:
-        stop = int(argv[3]) if len(argv) > 3 and argv[3].isdigit() else None
-        code, reason = decide(argv[1], argv[2], stop)
-        print(f"{code}\t{reason}")
-        return 0
-    print(__doc__, file=sys.stderr)
-    return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

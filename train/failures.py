@@ -146,7 +146,11 @@ def permanent(error: PermanentError, run_dir: str | None) -> int:
     # that speaks to stop torchrun, which stops this rank too: the error is said once, and torchrun
     # never sees a quiet rank exit first and restarts the group. If nobody stops it, it goes on.
     alike = isinstance(error, (ConfigError, DataError)) and os.environ.get("LOCAL_RANK", "0") != "0"
-    if agent and (alike or not error.echo):
+    # A rank of another node says it (global rank 0), and nobody on this node will: this node's
+    # local rank 0 stops its torchrun at once. Waiting, it would see the other node's torchrun (the
+    # rendezvous host, maybe) go first, and torchrun here would fail loudly on its lost store.
+    first_here = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("GROUP_RANK", "0") != "0"
+    if agent and (alike or not error.echo) and not (first_here and not error.echo):
         time.sleep(PEER_GRACE_S)
     action = f"; stopping torchrun (pid {agent}) so it does not restart" if agent else ""
     if error.echo:

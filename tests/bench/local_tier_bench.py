@@ -32,6 +32,7 @@ from run import (
     run_job,
     say,
     steps_per_s,
+    trials,
 )
 
 K = 5
@@ -179,14 +180,5 @@ def _remove_local(run_dir: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def bench_l2_l3(trials: int, steps: int) -> dict:
-    out: dict[str, list[dict]] = {"l2": [], "l3": []}
-    for i in range(trials):
-        for key, trial in (("l2", l2_trial), ("l3", l3_trial)):
-            try:
-                r = trial(i, steps)
-            except Exception as e:  # a failed trial is a result too
-                r = {"error": str(e)[:200]}
-            out[key].append(r)
-            say(f"{key.upper()} {i}: {r}")
-    return out
+def bench_l2_l3(count: int, steps: int) -> dict:
+    return trials([("l2", lambda i: l2_trial(i, steps)), ("l3", lambda i: l3_trial(i, steps))], count)

@@ -21,6 +21,7 @@ Rows:
   M1-M3 memory and time of moving a checkpoint (memory_bench.py)
   L1-L3 the node-local tier: steps/s with it, steps lost to a SIGKILL and to a node loss
       (local_tier_bench.py)
+  N1-N2 node loss and rejoin through the launcher, its default settings (launcher_bench.py)
 """
 
 from __future__ import annotations
@@ -119,6 +120,20 @@ def launch(cmd: list[str], name: str, timeout: float, env: dict[str, str] | None
                 proc.wait()
             _signal(pids, signal.SIGKILL)
             return proc.returncode, True
+
+
+def trials(keys_and_fns: list[tuple[str, Callable[[int], dict]]], count: int) -> dict[str, list[dict]]:
+    """``count`` rounds of each trial function; a trial that raised is recorded as {"error": why}."""
+    out: dict[str, list[dict]] = {key: [] for key, _ in keys_and_fns}
+    for i in range(count):
+        for key, fn in keys_and_fns:
+            try:
+                r = fn(i)
+            except Exception as e:  # a failed trial is a result too
+                r = {"error": str(e)[:200]}
+            out[key].append(r)
+            say(f"{key.upper()} {i}: {r}")
+    return out
 
 
 def log_tail(name: str, n: int = 3) -> str:
@@ -438,7 +453,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps, rounds and trials (~3-6 min)")
     p.add_argument("--out", default=str(ROOT / "results.md"), help="where to write the table")
-    p.add_argument("--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3")
+    p.add_argument("--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3,N1-N2")
     args = p.parse_args()
     q = args.quick
     out = Path(args.out)
@@ -451,6 +466,7 @@ def main() -> int:
         "memory": 100 if q else 500,  # MB of state
         "l1": (1, 60) if q else (2, 110),  # (reps, steps)
         "l2": (2, 60) if q else (5, 80),  # (trials of each kind, steps)
+        "n1": 1 if q else 3,  # trials per rendezvous backend
     }
     header = [f"## ftjob benchmarks ({'quick' if q else 'full'} mode)", "", *machine()]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -684,6 +700,26 @@ def main() -> int:
                       "<= 1x")  # fmt: skip
             notes.extend(f"{key.upper()} trial failed: {t['error']}" for t in kills[key] if "error" in t)
 
+    def nodes() -> None:
+        from launcher_bench import bench_n1_n2
+
+        r = raw["nodes"] = bench_n1_n2(plan["n1"])
+        for backend, trials in r.items():
+            ok = [t for t in trials if "error" not in t]
+            notes.extend(f"N1/N2 {backend} trial failed: {t['error']}" for t in trials if "error" in t)
+            if not ok:
+                continue
+            n = f"{len(ok)}/{len(trials)}"
+            which = "the first node" if backend == "etcd-v2" else "the other node"
+            loss = statistics.median(t["loss_s"] for t in ok)
+            table.add("N1", f"node loss through the launcher, {backend} rendezvous, {which} killed: kill -> "
+                      f"first step at world size 1, s, median of {n} trials", f"{loss:.1f} s", "5 s",
+                      loss / 5, "<= 1x")  # fmt: skip
+            grow = statistics.median(t["rejoin_s"] for t in ok)
+            table.add("N2", f"a node joining after that, {backend}: its launcher started -> first step "
+                      f"at world size 2, median of {n} trials", f"{grow:.1f} s", "-", None,
+                      "report")  # fmt: skip
+
     wanted = set(args.only.split(",")) if args.only else None
     for rid, metric, fn in (
         ("T1", "job vs bare DDP steps/s", t1),
@@ -692,6 +728,7 @@ def main() -> int:
         ("P4", "recovery after SIGKILL", p4),
         ("M1-M3", "memory and time of moving a checkpoint", memory),
         ("L1-L3", "the node-local tier", local_tier),
+        ("N1-N2", "node loss and rejoin through the launcher", nodes),
     ):
         if wanted is None or rid in wanted:
             section(table, rid, metric, fn)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A throwaway SLURM cluster on this one machine, for the launcher's end-to-end tests
-# (tests/e2e/test_slurm.py): one slurmctld and two slurmd as the logical nodes n1 and n2
+# (tests/slurm/test_slurm.py): one slurmctld and two slurmd as the logical nodes n1 and n2
 # (Debian's Slurm is built with MULTIPLE_SLURMD), no accounting daemon, no cgroups, no systemd.
 #
 #   tests/slurm/cluster.sh install     apt-get the packages if slurmctld is missing (root; idempotent)

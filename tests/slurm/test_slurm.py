@@ -69,8 +69,9 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", job_id)
         return dict(re.findall(r"(\S+?)=(\S*)", out))
 
-    def submit(self, tmp_path: Path, args: list[str], **exports: str) -> str:
-        """sbatch the real launch/slurm.sbatch from tmp_path; the job log goes to tmp_path/job.out."""
+    def submit(self, tmp_path: Path, args: list[str], options: tuple[str, ...] = (), **exports: str) -> str:
+        """sbatch the real launch/slurm.sbatch from tmp_path (``options`` for sbatch itself); the job
+        log goes to tmp_path/job.out."""
         exports = {
             "FTJOB_DIR": str(REPO),  # launch/ and train/ (the job is not submitted from the repo root)
             "PYTHON": sys.executable,
@@ -91,6 +92,7 @@ class Cluster:
             f"--output={tmp_path / 'job.out'}",
             f"--chdir={tmp_path}",
             f"--export={export}",
+            *options,
             str(SBATCH_SCRIPT),
             *args,
         ]
@@ -204,25 +206,15 @@ def test_two_node_job_completes(slurm: Cluster, corpus: Path, tmp_path: Path) ->
     assert "finished" in job_log(tmp_path)
 
 
-def test_permanent_error_fails_at_once_and_is_not_requeued(
-    slurm: Cluster, corpus: Path, tmp_path: Path
-) -> None:
-    start = time.monotonic()
-    job_id = slurm.submit(tmp_path, tiny_args(tmp_path / "run", corpus, ckpt__keep=0))
-    job = slurm.wait(job_id, tmp_path, timeout=60)
-    assert time.monotonic() - start < 60
-    assert outcome(job) == ("FAILED", "2:0", "0"), log_tail(tmp_path)
-    time.sleep(4)  # two scheduler intervals: still failed, still not requeued
-    job = slurm.job(job_id)
-    assert (job["JobState"], job["Restarts"]) == ("FAILED", "0")
-    log = job_log(tmp_path)
-    assert "--ckpt.keep must be >= 1" in log
-    assert "exit 2: permanent failure, not requeueing" in log
-
-
+@pytest.mark.parametrize(
+    ("stop", "seen"),
+    [(("scancel", "--signal=USR1", "--batch"), "USR1"), (("scontrol", "requeue"), "TERM")],
+    ids=["scancel-usr1", "scontrol-requeue"],
+)
 def test_preemption_saves_requeues_and_completes_with_no_step_lost(
-    slurm: Cluster, corpus: Path, tmp_path: Path
+    slurm: Cluster, corpus: Path, tmp_path: Path, stop: tuple[str, ...], seen: str
 ) -> None:
+    # scontrol requeue: Slurm SIGTERMs the batch script, which asks the job to save, then requeues it.
     run_dir, steps = tmp_path / "run", 40
     job_id = slurm.submit(
         tmp_path,
@@ -230,8 +222,8 @@ def test_preemption_saves_requeues_and_completes_with_no_step_lost(
         FTJOB_FAULT="slow:ms=100:restart=any",  # timing only: the signal lands mid-run
     )
     slurm.wait_for_step(job_id, tmp_path, run_dir, 5, timeout=90)
-    slurm.run("scancel", "--signal=USR1", "--batch", job_id)
-    job = slurm.wait(job_id, tmp_path, timeout=150, restarts=1)
+    slurm.run(*stop, job_id)
+    job = slurm.wait(job_id, tmp_path, timeout=180, restarts=1)
     assert outcome(job) == ("COMPLETED", "0:0", "1"), log_tail(tmp_path)
     rows = metrics_rows(run_dir)
     resumes = [i for i, r in enumerate(rows) if r["kind"] == "resume"]
@@ -246,8 +238,8 @@ def test_preemption_saves_requeues_and_completes_with_no_step_lost(
     assert after == list(range(saved + 1, steps + 1))  # the requeued attempt went on from the next one
     assert {r["world_size"] for r in rows if r["kind"] == "train"} == {2}
     log = job_log(tmp_path)
-    assert "got SIGUSR1" in log
-    assert "exit 143: preempted and saved; requeueing" in log
+    assert f"got SIG{seen}" in log
+    assert "exit 143: preempted and saved" in log
     assert "attempt 2] finished" in log
 
 
@@ -300,3 +292,116 @@ def test_retryable_failure_every_attempt_gives_up_after_the_retry_budget(
     log = job_log(tmp_path)
     assert "exit 144: retryable failure (retry 1 of 1); requeueing" in log
     assert "exit 144: retryable failure, but already requeued 1 times; giving up" in log
+
+
+# --- permanent errors on both nodes, requeue, node down, time limit ---------------------------------
+
+
+def assert_failed_at_once(slurm: Cluster, job_id: str, tmp_path: Path, code: int, started: float) -> str:
+    job = slurm.wait(job_id, tmp_path, timeout=60)
+    took = time.monotonic() - started
+    assert outcome(job) == ("FAILED", f"{code}:0", "0"), log_tail(tmp_path)
+    assert took < 60, f"{took:.0f} s"
+    log = job_log(tmp_path)
+    assert f"exit {code}: permanent failure, not requeueing" in log
+    assert log.count("\nerror: ") + log.startswith("error: ") == 1, log  # said once per job
+    return log
+
+
+def test_a_bad_flag_fails_on_both_nodes_in_seconds_every_time(
+    slurm: Cluster, corpus: Path, tmp_path: Path
+) -> None:
+    # Checked by each node's launcher before any rendezvous: nobody waits for anybody.
+    took = []
+    for i in range(5):
+        where = tmp_path / str(i)
+        where.mkdir()
+        started = time.monotonic()
+        job_id = slurm.submit(where, tiny_args(where / "run", corpus, ckpt__keep=0))
+        log = assert_failed_at_once(slurm, job_id, where, 2, started)
+        assert "--ckpt.keep must be >= 1" in log
+        took.append(time.monotonic() - started)
+    time.sleep(4)  # two scheduler intervals: still failed, still not requeued
+    assert (slurm.job(job_id)["JobState"], slurm.job(job_id)["Restarts"]) == ("FAILED", "0")
+    print(f"\nbad flag on 2 SLURM nodes: FAILED after {', '.join(f'{t:.0f}' for t in took)} s")
+
+
+def test_an_incompatible_checkpoint_fails_on_both_nodes_every_time(
+    slurm: Cluster, corpus: Path, tmp_path: Path
+) -> None:
+    # Found at resume, after the rendezvous, by every rank: each node's torchrun is stopped, and
+    # no node is left waiting in a rendezvous for another that has exited.
+    run_dir = tmp_path / "run"
+    first = tmp_path / "first"
+    first.mkdir()
+    job = slurm.wait(slurm.submit(first, tiny_args(run_dir, corpus, max_steps=10)), first, timeout=150)
+    assert outcome(job) == ("COMPLETED", "0:0", "0"), log_tail(first)
+    took = []
+    for i in range(5):
+        where = tmp_path / str(i)
+        where.mkdir()
+        started = time.monotonic()
+        job_id = slurm.submit(where, tiny_args(run_dir, corpus, max_steps=20, model__n_embd=64))
+        log = assert_failed_at_once(slurm, job_id, where, 4, started)
+        assert "written by a different model/config" in log
+        assert "Traceback" not in log, log
+        took.append(time.monotonic() - started)
+    print(f"\nincompatible checkpoint on 2 SLURM nodes: FAILED after {', '.join(f'{t:.0f}' for t in took)} s")
+
+
+def resumed_without_loss(run_dir: Path, steps: int) -> dict:
+    rows = metrics_rows(run_dir)
+    resumes = [i for i, r in enumerate(rows) if r["kind"] == "resume"]
+    assert len(resumes) == 1, rows
+    resume = rows[resumes[0]]
+    after = [r["step"] for r in rows[resumes[0] :] if r["kind"] == "train"]
+    assert after == list(range(resume["step"] + 1, steps + 1))
+    return resume
+
+
+def test_a_node_marked_down_requeues_and_the_job_resumes(
+    slurm: Cluster, corpus: Path, tmp_path: Path
+) -> None:
+    run_dir, steps = tmp_path / "run", 40
+    job_id = slurm.submit(
+        tmp_path,
+        tiny_args(run_dir, corpus, max_steps=steps, ckpt__interval=5),
+        FTJOB_FAULT="slow:ms=100:restart=any",
+    )
+    slurm.wait_for_step(job_id, tmp_path, run_dir, 12, timeout=90)
+    slurm.run("scontrol", "update", "nodename=n2", "state=down", "reason=ftjob-test")
+    try:
+        deadline = time.monotonic() + 60
+        while int(slurm.job(job_id).get("Restarts", 0)) < 1:
+            assert time.monotonic() < deadline, f"not requeued: {slurm.job(job_id)}"
+            time.sleep(0.5)
+    finally:
+        # ReturnToService=2 may have brought it back already; then resuming it is an error
+        _sh(["scontrol", "update", "nodename=n2", "state=resume"], slurm.env, timeout=30)
+    assert "DOWN" not in slurm.run("scontrol", "show", "node", "n2")
+    job = slurm.wait(job_id, tmp_path, timeout=180, restarts=1)
+    assert outcome(job) == ("COMPLETED", "0:0", "1"), log_tail(tmp_path)
+    resume = resumed_without_loss(run_dir, steps)
+    assert resume["step"] >= 10 and resume["lost_steps"] <= 5  # at most a checkpoint interval
+
+
+def test_the_time_limit_signal_saves_and_requeues(slurm: Cluster, corpus: Path, tmp_path: Path) -> None:
+    # --signal=B:USR1@150 with a 3-minute limit: USR1 ~30 s in (Slurm sends it up to a minute late).
+    run_dir = tmp_path / "run"
+    job_id = slurm.submit(
+        tmp_path,
+        tiny_args(run_dir, corpus, max_steps=100_000, ckpt__interval=50),
+        options=("--time=3", "--signal=B:USR1@150"),
+        FTJOB_FAULT="slow:ms=100:restart=any",
+    )
+    try:
+        deadline = time.monotonic() + 170
+        while "resumed from step" not in (job_log(tmp_path) if (tmp_path / "job.out").exists() else ""):
+            assert time.monotonic() < deadline, f"not resumed: {slurm.job(job_id)}\n{log_tail(tmp_path)}"
+            time.sleep(0.5)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm.env, timeout=30, check=False)
+    log = job_log(tmp_path)
+    assert "got SIGUSR1" in log and "exit 143: preempted and saved; requeueing" in log, log_tail(tmp_path)
+    (resume,) = [r for r in metrics_rows(run_dir) if r["kind"] == "resume"]
+    assert resume["lost_steps"] == 0  # saved at the step boundary after the signal, resumed from it

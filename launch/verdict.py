@@ -1,0 +1,137 @@
+"""One node's permanent failure, told to every other node through the rendezvous, so none waits for it.
+
+A node whose job fails permanently (a bad flag, an incompatible checkpoint, a run dir it cannot
+write) writes its verdict - code, one-line reason, node - into the rendezvous store and then closes
+the rendezvous: torchrun agents waiting there, or re-joining after their workers lost this node's,
+stop at once instead of waiting out join_timeout (600 s) for a node that will never come. Every
+node's launcher watches for a verdict while its torchrun runs and, when one came, exits with that
+code: the job fails once, with one class, on every node (a scheduler that takes the highest exit
+code of all nodes, like srun, would otherwise see a retryable 145 and requeue a job that cannot run).
+
+Best effort, with short timeouts: with c10d the store lives in one agent, and once that is gone
+there is nobody to tell (its loss stops the other agents anyway). Rendezvous backends: c10d and
+etcd-v2; static and the older etcd have no store this can use, and get no verdicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from datetime import timedelta
+
+KEY = "ftjob.verdict"
+POLL_S = 1.0
+PUBLISH_WAIT_S = 2.5  # > POLL_S twice: every watcher reads the verdict before the close stops its torchrun
+STALE_S = 60  # a verdict older than this launch (with etcd, keys outlive jobs) belongs to another job
+
+
+def _listening(endpoint: str, timeout_s: float) -> bool:
+    """Whether a c10d store answers there. Checked first with a plain socket: a TCPStore client
+    that finds nobody logs a warning with a C++ stack trace at every retry, into the job's log."""
+    host, _, port = endpoint.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            return True
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
+
+
+def _open(backend: str, endpoint: str, run_id: str, timeout_s: float):
+    """(rendezvous backend, store), or None where this backend has no store to share."""
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    if backend == "c10d" and not _listening(endpoint, timeout_s):
+        raise ConnectionError(f"no c10d store at {endpoint}")
+
+    params = RendezvousParameters(
+        backend=backend,
+        endpoint=endpoint,
+        run_id=run_id,
+        min_nodes=1,
+        max_nodes=1,
+        is_host="false",  # never host a c10d store: only join the one torchrun hosts
+        read_timeout=str(max(1, round(timeout_s))),
+    )
+    if backend == "c10d":
+        from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
+    elif backend == "etcd-v2":
+        from torch.distributed.elastic.rendezvous.etcd_rendezvous_backend import create_backend
+    else:
+        return None
+    return create_backend(params)
+
+
+def _key(run_id: str) -> str:
+    return f"{KEY}.{run_id}"
+
+
+def publish(backend: str, endpoint: str, run_id: str, code: int, reason: str, timeout_s: float = 10) -> bool:
+    """Tell the other nodes, then close the rendezvous. False if the rendezvous could not be reached."""
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
+        DynamicRendezvousHandler,
+        RendezvousTimeout,
+    )
+
+    try:
+        opened = _open(backend, endpoint, run_id, timeout_s)
+        if opened is None:
+            return False
+        rdzv_backend, store = opened
+        verdict = {"code": code, "reason": reason, "node": socket.gethostname(), "time": time.time()}
+        store.set(_key(run_id), json.dumps(verdict))
+        time.sleep(PUBLISH_WAIT_S)
+        handler = DynamicRendezvousHandler.from_backend(
+            run_id, store, rdzv_backend, 1, 1, timeout=RendezvousTimeout(close=timedelta(seconds=timeout_s))
+        )
+        handler.set_closed()
+        return True
+    except Exception:  # the rendezvous is gone or unreachable: nothing to tell, nobody waits there
+        return False
+
+
+class Watcher:
+    """Reads the rendezvous' verdict every POLL_S on a thread, while this node's torchrun runs."""
+
+    def __init__(self, backend: str, endpoint: str, run_id: str):
+        self.backend, self.endpoint, self.run_id = backend, endpoint, run_id
+        self.verdict: dict | None = None
+        self._since = time.time() - STALE_S
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="verdict-watcher", daemon=True)
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        store = None
+        while not self._done.wait(POLL_S) and self.verdict is None:
+            try:
+                if store is None:
+                    opened = _open(self.backend, self.endpoint, self.run_id, timeout_s=POLL_S)
+                    if opened is None:
+                        return
+                    store = opened[1]
+                if store.check([_key(self.run_id)]):
+                    self.verdict = self._parse(store.get(_key(self.run_id)))
+            except Exception:  # not up yet, or gone: try again (a new connection) next time
+                store = None
+
+    def _parse(self, raw: bytes) -> dict | None:
+        with contextlib.suppress(ValueError, TypeError):
+            verdict = json.loads(raw)
+            code = int(verdict["code"])
+            if 1 <= code <= 127 and float(verdict["time"]) >= self._since:
+                return {"code": code, "reason": str(verdict["reason"]), "node": str(verdict["node"])}
+        return None
