@@ -33,7 +33,6 @@ class UsageError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Plan:
     command: list[str]
-    train_args: list[str]
     multi_node: bool
     backend: str  # "" when standalone
     endpoint: str  # host:port of the rendezvous, "" when standalone
@@ -110,9 +109,10 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
     )
     backend = endpoint = ""
     if multi_node:
+        backend = args.rdzv_backend
         if not _given("rdzv_backend", torchrun_args, parser):
-            added.append("--rdzv-backend=c10d")  # torchrun's "static" needs a fixed master address
-        backend = args.rdzv_backend if _given("rdzv_backend", torchrun_args, parser) else "c10d"
+            backend = "c10d"  # torchrun's "static" needs a fixed master address
+            added.append(f"--rdzv-backend={backend}")
         endpoint = args.rdzv_endpoint
         if not endpoint:
             raise UsageError(
@@ -125,7 +125,6 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
     exe = torchrun or [sys.executable, "-m", "torch.distributed.run"]
     return Plan(
         command=[*exe, *torchrun_args, *added, script, *train_args],
-        train_args=train_args,
         multi_node=multi_node,
         backend=backend,
         endpoint=endpoint,

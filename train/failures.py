@@ -150,7 +150,7 @@ def permanent(error: PermanentError, run_dir: str | None) -> int:
     # local rank 0 stops its torchrun at once. Waiting, it would see the other node's torchrun (the
     # rendezvous host, maybe) go first, and torchrun here would fail loudly on its lost store.
     first_here = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("GROUP_RANK", "0") != "0"
-    if agent and (alike or not error.echo) and not (first_here and not error.echo):
+    if agent and (alike or not (error.echo or first_here)):
         time.sleep(PEER_GRACE_S)
     action = f"; stopping torchrun (pid {agent}) so it does not restart" if agent else ""
     if error.echo:

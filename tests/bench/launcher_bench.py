@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from local_tier_bench import _remove_local
+from local_tier_bench import _free_port, _remove_local
 from run import LOGS, REPO, WORK, _descendants, _signal, fresh, job_args, jsonl, trials
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -59,11 +59,7 @@ def trial(i: int, backend: str) -> dict:
         if backend == "etcd-v2":
             endpoint = stack.enter_context(etcd_local.server(WORK / f"{name}_etcd"))
         else:
-            import socket
-
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                endpoint = f"127.0.0.1:{s.getsockname()[1]}"
+            endpoint = f"127.0.0.1:{_free_port()}"
         try:
             for n in range(2):
                 nodes.append(_node(f"{name}_node{n}", dirs[n], backend, endpoint, name))
