@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slurm lint format chaos bench clean
+.PHONY: setup run test test-slurm test-s3 lint format chaos bench clean
 
 # The stamp names the torch build, so `make setup TORCH_INDEX=...` after a CPU setup reinstalls.
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -34,6 +34,10 @@ test: setup
 # A real two-node SLURM cluster on loopback (root: installs Debian's Slurm, tests/slurm/cluster.sh).
 test-slurm: setup
 	$(PY) -m pytest -q tests/slurm
+
+# Durable checkpoints in object storage, against a real S3 server on loopback (tests/s3_local.py).
+test-s3: setup
+	$(PY) -m pytest -q tests/s3
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -50,11 +50,16 @@ def _say(text: str) -> None:
 def check_job_options(train_args: list[str]) -> tuple[int, str] | None:
     """(exit code, why) of a job that cannot start (said in one line), None if it may."""
     from train import config, failures
-    from train.errors import ConfigError, PermanentError
+    from train.errors import ConfigError, PermanentError, StorageError
 
     try:
         cfg = config.parse(train_args)
         failures.check_run_dir(cfg.run_dir)
+        failures.check_ckpt_dir(cfg)
+    except StorageError as e:  # the store is down: worth a retry by the scheduler, not a rendezvous
+        print(f"error: {e} [exit {e.exit_code}: retryable]", file=sys.stderr)
+        failures.record_exit(cfg.run_dir, e.exit_code, str(e))
+        return e.exit_code, str(e)
     except PermanentError as e:
         # Every node meets a bad option alike (one command line). Where the scheduler gathers every
         # node's output into one log (srun), the first node says it for all.

@@ -145,3 +145,24 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    """A real S3-compatible server on loopback (tests/s3_local.py), authentication on."""
+    import s3_local
+
+    with s3_local.server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> dict[str, str]:
+    """The AWS variables for the server, set in this process too; a fresh bucket in env["BUCKET"]."""
+    if s3_server.proc is None:  # a test stopped it
+        s3_server.start()
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    bucket = f"t{abs(hash(request.node.nodeid)) % 10**10:010d}"
+    s3_server.make_bucket(bucket)
+    return {**s3_server.env(), "BUCKET": bucket}

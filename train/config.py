@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from train.ckpt.objstore import check_url, is_url
 from train.errors import ConfigError, DataError
 
 
@@ -63,6 +64,10 @@ class OptimConfig:
 
 @dataclass
 class CkptConfig:
+    dir: str = ""
+    """Where durable checkpoints go: a directory, or an fsspec URL such as s3://bucket/prefix (needs
+    the s3 extra; credentials and endpoint from the usual AWS_* variables or profile, never in the
+    URL). Default: <run-dir>/checkpoints."""
     interval: int = 50
     """Save every N optimizer steps (and at the end). 0 disables periodic saves."""
     keep: int = 3
@@ -154,6 +159,11 @@ def fingerprint(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def ckpt_dir(cfg: Config) -> str:
+    """The durable checkpoints' root: --ckpt.dir, or <run-dir>/checkpoints."""
+    return cfg.ckpt.dir or str(Path(cfg.run_dir) / "checkpoints")
+
+
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
@@ -185,6 +195,8 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if is_url(cfg.ckpt.dir) and (problem := check_url(cfg.ckpt.dir)):
+        raise ConfigError(problem)
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise DataError(f"--data.path {cfg.data.path!r} does not exist; point it at a text file or folder")
 

@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from train import warmstart
+from train.ckpt import objstore
 from train.config import Config
 from train.errors import (
     CAUSES,
@@ -65,6 +66,42 @@ def check_run_dir(run_dir: str) -> None:
     except OSError as e:
         raise RunDirError(
             f"run dir {run_dir!r} is not writable ({e.strerror}); pass a writable --run-dir"
+        ) from None
+
+
+def check_ckpt_dir(cfg: Config) -> None:
+    """A --ckpt.dir URL is checked now, not at the first save: one object written, read back and
+    deleted. Bad credentials, a missing bucket, a missing extra: ConfigError (permanent). A store
+    that does not answer: StorageError (retryable: an outage passes; a wrong endpoint does not)."""
+    if not objstore.is_url(cfg.ckpt.dir):
+        return
+    url = cfg.ckpt.dir
+    try:
+        storage = objstore.FsspecStorage(url)
+    except ImportError as e:
+        raise ConfigError(f"--ckpt.dir {url} needs {e.name or 'fsspec'}: pip install 'ftjob[s3]'") from None
+    except ValueError as e:  # an fsspec protocol it does not know
+        raise ConfigError(f"--ckpt.dir {url}: {e}") from None
+    try:
+        storage.probe()
+    except PermissionError as e:
+        raise ConfigError(
+            f"--ckpt.dir {url}: access refused ({objstore.first_line(e)}); check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE and the bucket's permissions"
+        ) from None
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"--ckpt.dir {url}: no such bucket ({objstore.first_line(e)}); create it or fix --ckpt.dir"
+        ) from None
+    except OSError as e:
+        if "NoCredentialsError" in str(e):
+            raise ConfigError(
+                f"--ckpt.dir {url}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE)"
+            ) from None
+        raise StorageError(
+            f"--ckpt.dir {url} is not reachable ({objstore.first_line(e)}); retrying, as an outage "
+            "passes (if it persists, check the URL and AWS_ENDPOINT_URL)"
         ) from None
 
 

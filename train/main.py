@@ -18,7 +18,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from train import config, dist, failures, warmstart
-from train.errors import EXIT_PREEMPTED, PermanentError
+from train.errors import EXIT_PREEMPTED, PermanentError, StorageError
 from train.metrics import setup_logging
 from train.trainer import train
 
@@ -38,6 +38,13 @@ def main(argv: list[str] | None = None) -> int:
             warmstart.start_zygote(cfg.dist.warm_restart)
         if os.environ.get("LOCAL_RANK", "0") == "0":  # each node may keep its own copy there
             failures.check_run_dir(cfg.run_dir)
+        if os.environ.get("RANK", "0") == "0":  # the one rank that writes to a --ckpt.dir URL
+            try:
+                failures.check_ckpt_dir(cfg)
+            except StorageError as e:  # one line; torchrun's restarts (or the scheduler) retry it
+                log.error("%s [exit %d: retryable]", e, e.exit_code)
+                failures.record_exit(cfg.run_dir, e.exit_code, str(e))
+                return e.exit_code
         run_dir = cfg.run_dir
         if cfg.deterministic:
             # Before the first cuBLAS call; warn_only so a kernel without a deterministic variant

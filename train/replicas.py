@@ -32,9 +32,10 @@ class Layout:
     shared: bool  # every node sees the same run directory (one node: True)
 
 
-def layout(run_dir: Path, env: DistEnv) -> Layout:
-    """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them."""
-    if not env.multi_node:
+def layout(run_dir: Path, env: DistEnv, shared: bool = False) -> Layout:
+    """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them
+    (``shared``: known to be shared, say a bucket)."""
+    if not env.multi_node or shared:
         return Layout(env.rank == 0, True)
     marker = run_dir / f".node-{uuid.uuid4().hex}" if env.local_rank == 0 else None
     if marker is not None:

@@ -29,7 +29,7 @@ from train import comm, stream
 from train.ckpt import manifest as mf
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.manifest import Problem
-from train.ckpt.storage import LocalStorage
+from train.ckpt.objstore import open_storage
 from train.dist import DistEnv
 from train.errors import IncompatibleCheckpointError
 from train.state import CKPT_FILES, TrainState
@@ -172,11 +172,8 @@ def _load(
         if role == "own":
             reader, name = managers[copy["tier"]], copy["name"]  # type: ignore[index]
         else:
-            location = Path(copy["location"])  # type: ignore[index]
-            reader, name = (
-                CheckpointManager(LocalStorage(location.parent), keep=1, files=CKPT_FILES),
-                location.name,
-            )
+            root, _, name = copy["location"].rstrip("/").rpartition("/")  # type: ignore[index]
+            reader = CheckpointManager(open_storage(root), keep=1, files=CKPT_FILES)
         relay = None
         if env.rank == source and group is not None:
             sizes = {f: e["size"] for f, e in chosen["entries"].items()}
@@ -227,13 +224,15 @@ def resume(
     reads: bool,
     local: CheckpointManager | None = None,
     shared: bool = True,
+    run_dir: Path | None = None,
 ) -> dict | None:
     """Restore ``state`` from the newest valid checkpoint on any node; return what the resume row
     logs, or None. ``reads``: this rank reads its node's checkpoints (see train/replicas.py);
     ``local``: its node-local tier as well (train/local_tier.py); ``shared``: the nodes share the
     run directory, so a copy of another node's is visible here (otherwise only this node's are:
-    the same path on another machine is another disk)."""
-    run_dir = Path(manager.storage.location("")).parent
+    the same path on another machine is another disk); ``run_dir``: where metrics.jsonl tells the
+    progress made (default: the checkpoint directory's parent)."""
+    run_dir = run_dir or Path(manager.storage.location("")).parent
     managers = [manager, *([local] if local is not None else [])]
     report = {
         "node": env.node,

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from train.ckpt.manager import CheckpointManager
+from train.ckpt.objstore import is_url
 from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
 from train.dist import DistEnv
@@ -81,12 +82,19 @@ class SavePolicy:
         self._last_error = ""
 
     # -- space ---------------------------------------------------------------------------------------
-    def _disk(self) -> tuple[Path, int | None, int]:
-        """(where checkpoints go, free bytes there or None, bytes held by its checkpoints): read once."""
-        root = Path(self.manager.storage.location(""))
-        return root, free_bytes(root), sum(i.size for i in self.manager.list())
+    def _free(self) -> int | None:
+        root = self.manager.storage.location("")
+        return None if is_url(root) else free_bytes(Path(root))  # a bucket has no "free space"
 
-    def _space(self, disk: tuple[Path, int | None, int] | None = None) -> str:
+    def _disk(self) -> tuple[str, int | None, int]:
+        """(where checkpoints go, free bytes there or None, bytes held by its checkpoints): read once."""
+        try:
+            held = sum(i.size for i in self.manager.list())
+        except OSError:
+            held = 0
+        return self.manager.storage.location(""), self._free(), held
+
+    def _space(self, disk: tuple[str, int | None, int] | None = None) -> str:
         root, free, existing = disk or self._disk()
         size = self._size or 0
         need = (self.cfg.keep + 1) * size
@@ -97,7 +105,11 @@ class SavePolicy:
         )
 
     def _newest(self) -> str:
-        step = next((i.step for i in self.manager.list() if i.valid), None)
+        try:
+            step = next((i.step for i in self.manager.list() if i.valid), None)
+        except OSError:  # the store that failed the save may not answer a listing either
+            step = self.writer.last_committed
+            return f"step {step} (as last committed; the store does not answer)" if step else "unknown"
         return f"step {step}" if step is not None else "none"
 
     def before_save(self, size: int) -> None:
@@ -117,7 +129,7 @@ class SavePolicy:
                 else "",
             )
         else:
-            free = free_bytes(Path(self.manager.storage.location("")))
+            free = self._free()
         if free is not None and free < size:
             raise OSError(errno.ENOSPC, f"only {_mb(free)} free for a {_mb(size)} checkpoint")
 

@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from train import comm, config, faults, preempt, replicas, rng
 from train import dist as distributed
 from train.ckpt.manager import CheckpointManager
-from train.ckpt.storage import LocalStorage
+from train.ckpt.objstore import FsspecStorage, open_storage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import EXIT_PREEMPTED, StorageError
 from train.local_tier import LocalTier
@@ -148,11 +148,22 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.optim, cfg.max_steps))
     state = TrainState(task.model, optimizer, scheduler, GlobalSampler(len(task.train_data), cfg.seed))
 
-    manager = CheckpointManager(LocalStorage(run_dir / "checkpoints"), keep=cfg.ckpt.keep, files=CKPT_FILES)
-    nodes = replicas.layout(run_dir, env)
+    storage = open_storage(config.ckpt_dir(cfg))
+    manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
+    # One bucket prefix is one directory every node sees: written by rank 0 alone, as a shared one.
+    nodes = replicas.layout(run_dir, env, shared=isinstance(storage, FsspecStorage))
     writes = nodes.writes
     tier = LocalTier(cfg.ckpt, run_dir, writes)
-    resumed = resume(manager, state, env, fingerprint, reads=writes, local=tier.manager, shared=nodes.shared)
+    resumed = resume(
+        manager,
+        state,
+        env,
+        fingerprint,
+        reads=writes,
+        local=tier.manager,
+        shared=nodes.shared,
+        run_dir=run_dir,
+    )
     model = (
         DDP(task.model, device_ids=[env.device] if env.device.type == "cuda" else None)
         if env.backend

@@ -5,6 +5,8 @@
                                                    rank 1 (a node without the checkpoint) receiving
                                                    it from rank 0
     python tests/bench/memory_bench.py local MB DIR  the same checkpoint loaded from its own disk
+    python tests/bench/memory_bench.py s3save|s3load MB URL
+                                                   the same to / from a --ckpt.dir URL (S4)
 
 Peak RSS is the kernel's high-water mark (VmHWM), reset right before the measured part
 (/proc/self/clear_refs), so earlier peaks (the optimizer step's temporaries) do not hide it. The
@@ -26,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from train.ckpt.manager import CheckpointManager  # noqa: E402
+from train.ckpt.objstore import open_storage  # noqa: E402
 from train.ckpt.storage import LocalStorage  # noqa: E402
 from train.sampler import GlobalSampler  # noqa: E402
 from train.state import CKPT_FILES, TrainState  # noqa: E402
@@ -124,10 +127,46 @@ def local(mb: int, root: Path) -> None:
     )
 
 
+def s3save(mb: int, url: str) -> None:
+    """As save(), to a --ckpt.dir URL (S1-S4: the AWS_* variables come from the caller)."""
+    state = build_state(mb, 0)
+    m = CheckpointManager(open_storage(url), keep=2, files=CKPT_FILES)
+    for step in (1, 2):
+        base = _reset_peak()
+        m.save(step, state.snapshot(torch.device("cpu"), True)(), {"fingerprint": "bench"})
+        growth = _status("VmHWM") - base
+        print(json.dumps({"kind": "s3save", "save": step, "state_bytes": state.nbytes(), "growth": growth}))
+
+
+def s3load(mb: int, url: str) -> None:
+    """As local(), from a --ckpt.dir URL: a fresh process resuming from the bucket."""
+    from train.dist import DistEnv
+    from train.resume import resume as resume_state
+
+    fresh = build_state(mb, 200)
+    storage = open_storage(url)
+    # The client's set-up (botocore's service model: a fixed cost, once per process; the job's
+    # start-up check pays it) is measured apart from the transfer.
+    base = _reset_peak()
+    if hasattr(storage, "probe"):
+        storage.probe()
+    client = _status("VmHWM") - base
+    m = CheckpointManager(storage, keep=2, files=CKPT_FILES)
+    env = DistEnv(0, 1, 0, torch.device("cpu"), None, 0)
+    base, t0 = _reset_peak(), time.perf_counter()
+    resume_state(m, fresh, env, "bench", reads=True, run_dir=Path(os.devnull))
+    row = {"kind": "s3load", "load_s": time.perf_counter() - t0, "growth": _status("VmHWM") - base}
+    row["client_growth"] = client
+    print(json.dumps({**row, "state_bytes": fresh.nbytes()}))
+
+
 if __name__ == "__main__":
-    what, mb, root = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+    what, mb, where = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    {"save": save, "resume": resume, "local": local}[what](mb, root)
+    if what.startswith("s3"):
+        {"s3save": s3save, "s3load": s3load}[what](mb, where)
+    else:
+        {"save": save, "resume": resume, "local": local}[what](mb, Path(where))
 
 
 def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:

@@ -22,6 +22,7 @@ Rows:
   L1-L3 the node-local tier: steps/s with it, steps lost to a SIGKILL and to a node loss
       (local_tier_bench.py)
   N1-N2 node loss and rejoin through the launcher, its default settings (launcher_bench.py)
+  S1-S4 durable checkpoints on a real S3 server on loopback vs local disk (s3_bench.py)
 """
 
 from __future__ import annotations
@@ -453,7 +454,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps, rounds and trials (~3-6 min)")
     p.add_argument("--out", default=str(ROOT / "results.md"), help="where to write the table")
-    p.add_argument("--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3,N1-N2")
+    p.add_argument(
+        "--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3,N1-N2,S1-S3"
+    )
     args = p.parse_args()
     q = args.quick
     out = Path(args.out)
@@ -467,6 +470,7 @@ def main() -> int:
         "l1": (1, 60) if q else (2, 110),  # (reps, steps)
         "l2": (2, 60) if q else (5, 80),  # (trials of each kind, steps)
         "n1": 1 if q else 3,  # trials per rendezvous backend
+        "s3": (50, 2) if q else (200, 4),  # (MB of state, timed rounds)
     }
     header = [f"## ftjob benchmarks ({'quick' if q else 'full'} mode)", "", *machine()]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -720,6 +724,36 @@ def main() -> int:
                       f"at world size 2, median of {n} trials", f"{grow:.1f} s", "-", None,
                       "report")  # fmt: skip
 
+    def s3() -> None:
+        from s3_bench import bench_s3
+
+        mb, rounds = plan["s3"]
+        r = raw["s3"] = bench_s3(mb, rounds, fresh(WORK / "s3"))
+        local, remote = r["local"], r["s3"]
+        what = f"{r['ckpt_mb']:.0f} MB checkpoint, median of {rounds} rounds, S3 server on loopback"
+        table.add("S1", f"save throughput to S3 / to local disk (upload + read-back verification), {what}",
+                  f"{remote['save_mb_s']:.0f} MB/s", f"{local['save_mb_s']:.0f} MB/s",
+                  remote["save_mb_s"] / local["save_mb_s"], "ref 0")  # fmt: skip
+        table.add("S2", f"load throughput from S3 / from local disk (download, checksums, restore), {what}",
+                  f"{remote['load_mb_s']:.0f} MB/s", f"{local['load_mb_s']:.0f} MB/s",
+                  remote["load_mb_s"] / local["load_mb_s"], "ref 0")  # fmt: skip
+        table.add("S3", f"step-loop stall of an async save to S3 / memcpy of the state, {what}",
+                  fmt_ms(remote["stall_median_s"]), fmt_ms(r["memcpy_s"]),
+                  remote["stall_median_s"] / r["memcpy_s"], "<= 1.0x")  # fmt: skip
+        table.add("S3", "the same, an async save to local disk / memcpy", fmt_ms(local["stall_median_s"]),
+                  fmt_ms(r["memcpy_s"]), local["stall_median_s"] / r["memcpy_s"], "ref 0")  # fmt: skip
+        save, load = r["rss"]["s3save"], r["rss"]["s3load"]
+        mb = f"{save['state_bytes'] / 1e6:.0f} MB state"
+        table.add("S4", f"peak RSS growth during a save to S3 / state bytes, {mb}, a fresh process's "
+                  "second save (staging buffers allocated by the first)",
+                  fmt_mb(save["growth"]), fmt_mb(save["state_bytes"]), save["growth"] / save["state_bytes"],
+                  "<= 1.5x")  # fmt: skip
+        table.add("S4", f"peak RSS growth of a fresh process resuming from S3 / state bytes, {mb} "
+                  f"(download, verify, restore; {load['load_s']:.2f} s; the S3 client's own set-up before "
+                  f"it, once per process: {load['client_growth'] / 1e6:.0f} MB)",
+                  fmt_mb(load["growth"]), fmt_mb(load["state_bytes"]), load["growth"] / load["state_bytes"],
+                  "<= 1.2x")  # fmt: skip
+
     wanted = set(args.only.split(",")) if args.only else None
     for rid, metric, fn in (
         ("T1", "job vs bare DDP steps/s", t1),
@@ -729,6 +763,7 @@ def main() -> int:
         ("M1-M3", "memory and time of moving a checkpoint", memory),
         ("L1-L3", "the node-local tier", local_tier),
         ("N1-N2", "node loss and rejoin through the launcher", nodes),
+        ("S1-S4", "checkpoints in object storage", s3),
     ):
         if wanted is None or rid in wanted:
             section(table, rid, metric, fn)

@@ -1,6 +1,7 @@
 """Checkpoint CLI: ``python -m train.ckpt ls|verify|inspect RUN_DIR``.
 
-RUN_DIR is a run directory (holding ``checkpoints/``) or a checkpoints directory itself.
+RUN_DIR is a run directory (holding ``checkpoints/``), a checkpoints directory itself, or a --ckpt.dir URL
+(s3://bucket/prefix).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import tyro
 
 from train.ckpt import manifest as mf
 from train.ckpt.manager import CheckpointManager
+from train.ckpt.objstore import FsspecStorage, is_url
 from train.ckpt.storage import LocalStorage
 
 Dir = Annotated[str, tyro.conf.Positional]
@@ -25,6 +27,8 @@ class CliError(Exception):
 
 
 def _manager(run_dir: str) -> CheckpointManager:
+    if is_url(run_dir):  # a --ckpt.dir in object storage: the checkpoints' root itself
+        return CheckpointManager(FsspecStorage(run_dir), keep=1)
     path = Path(run_dir)
     if not path.is_dir():
         raise CliError(f"{run_dir!r} is not a directory; pass a run dir (the --run-dir of a training run)")

@@ -81,6 +81,14 @@ class Storage(Protocol):
     def location(self, name: str) -> str: ...
 
 
+def check_size(actual: int, size: int | None, limit: int | None) -> None:
+    """Unreadable unless ``actual`` is ``size`` (if given) and at most ``limit`` (if given)."""
+    if size is not None and actual != size:
+        raise Unreadable(f"{actual} bytes, expected {size}", actual)
+    if limit is not None and actual > limit:
+        raise Unreadable(f"{actual} bytes, more than the {limit} allowed", actual)
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a directory (a directory's entries: renames, creations)."""
     fd = os.open(path, os.O_RDONLY)
@@ -279,10 +287,7 @@ class LocalStorage:
         ``limit``: the most it may have; otherwise Unreadable, before allocating anything."""
         fd, st = self._open(name, file)
         with open(fd, "rb", buffering=0) as f:
-            if size is not None and st.st_size != size:
-                raise Unreadable(f"{st.st_size} bytes, expected {size}", st.st_size)
-            if limit is not None and st.st_size > limit:
-                raise Unreadable(f"{st.st_size} bytes, more than the {limit} allowed", st.st_size)
+            check_size(st.st_size, size, limit)
             # Into uninitialised, writable memory: the fastest read, and loaded tensors can be
             # views of it instead of copies.
             view = memoryview(np.empty(st.st_size, dtype=np.uint8))
