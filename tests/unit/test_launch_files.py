@@ -79,7 +79,7 @@ def test_dockerfile_installs_pinned_torch_and_copies_only_what_the_job_needs() -
     assert f"ARG TORCH_VERSION={makefile_torch.group(1)}" in text
     assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in text
     assert '"torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"' in text
-    assert re.search(r'^RUN pip install --no-cache-dir "?\./?(\[\w+\])?"? ', text, re.M)
+    assert re.search(r'^RUN pip install --no-cache-dir "?\./?(\[[\w,]+\])?"? ', text, re.M)
     user = re.search(r"^USER (\S+)", text, re.M)
     assert user and user.group(1).split(":")[0] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["ftjob"\]', text, re.M)  # the console script: launch/ftjob.py
