@@ -28,15 +28,24 @@ log = logging.getLogger("train")
 
 @dataclass(frozen=True)
 class Layout:
-    writes: bool  # this rank writes (and reads) its node's checkpoints
-    shared: bool  # every node sees the same run directory (one node: True)
+    writes: bool  # this rank writes (and reads) the durable checkpoints it can see
+    shared: bool  # every node sees the same durable checkpoints (one node: True)
+    local_writes: bool  # this rank writes (and reads) its node's node-local tier
 
 
-def layout(run_dir: Path, env: DistEnv, shared: bool = False) -> Layout:
-    """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them
-    (``shared``: known to be shared, say a bucket)."""
-    if not env.multi_node or shared:
-        return Layout(env.rank == 0, True)
+def layout(run_dir: Path, env: DistEnv, remote: bool = False) -> Layout:
+    """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them.
+    ``remote``: the durable checkpoints are in object storage - one place every node sees, written
+    by global rank 0 alone - while each node still keeps its own node-local tier."""
+    nodes = _nodes(run_dir, env)
+    if remote:
+        return Layout(env.rank == 0, True, nodes.local_writes)
+    return nodes
+
+
+def _nodes(run_dir: Path, env: DistEnv) -> Layout:
+    if not env.multi_node:
+        return Layout(env.rank == 0, True, env.rank == 0)
     marker = run_dir / f".node-{uuid.uuid4().hex}" if env.local_rank == 0 else None
     if marker is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +62,7 @@ def layout(run_dir: Path, env: DistEnv, shared: bool = False) -> Layout:
     if shared.item() > 0:
         if env.rank == 0:
             log.info("the nodes share the run directory: rank 0 alone writes checkpoints")
-        return Layout(env.rank == 0, True)
+        return Layout(env.rank == 0, True, env.rank == 0)
     if env.rank == 0:
         log.info("each node keeps its own copy of every checkpoint (run directories not shared)")
-    return Layout(env.local_rank == 0, False)
+    return Layout(env.local_rank == 0, False, env.local_rank == 0)

@@ -56,11 +56,14 @@ def _digest(files: dict) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _candidates(managers: list[CheckpointManager]) -> list[dict]:
-    """Every checkpoint in every tier, newest first; those whose manifest or sizes do not check out
-    with the problem (they are never chosen, only reported as skipped)."""
+def _candidates(managers: list[CheckpointManager | None]) -> list[dict]:
+    """Every checkpoint in every tier this rank reads (None: a tier it does not), newest first;
+    those whose manifest or sizes do not check out with the problem (they are never chosen, only
+    reported as skipped)."""
     found = []
     for tier, manager in enumerate(managers):
+        if manager is None:
+            continue
         removed = manager.storage.clean_temporaries()
         if removed:
             log.info(
@@ -236,8 +239,8 @@ def resume(
     managers = [manager, *([local] if local is not None else [])]
     report = {
         "node": env.node,
-        "candidates": _candidates(managers) if reads else [],
-        "last_logged": last_logged_step(run_dir / "metrics.jsonl") if reads else 0,
+        "candidates": _candidates([manager if reads else None, local]),
+        "last_logged": last_logged_step(run_dir / "metrics.jsonl") if reads or local is not None else 0,
     }
     reports = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(report).encode(), env.device)]
     excluded: set[tuple[int, str]] = set()

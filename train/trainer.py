@@ -151,9 +151,9 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     storage = open_storage(config.ckpt_dir(cfg))
     manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
     # One bucket prefix is one directory every node sees: written by rank 0 alone, as a shared one.
-    nodes = replicas.layout(run_dir, env, shared=isinstance(storage, FsspecStorage))
+    nodes = replicas.layout(run_dir, env, remote=isinstance(storage, FsspecStorage))
     writes = nodes.writes
-    tier = LocalTier(cfg.ckpt, run_dir, writes)
+    tier = LocalTier(cfg.ckpt, run_dir, nodes.local_writes)
     resumed = resume(
         manager,
         state,
@@ -178,7 +178,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         writer = CheckpointWriter(manager, background=True)
         # On the way out, wait for a save in flight, but never for one that is hung.
         stack.push(lambda kind, *_: writer.close(0 if kind is StorageError else cfg.ckpt.save_timeout_s))
-        policy = SavePolicy(writer, manager, cfg.ckpt, env, writes, tier)
+        policy = SavePolicy(writer, manager, cfg.ckpt, env, writes or tier.writing, tier)
         metrics = Metrics(run_dir, env.is_main, state.step, cfg.max_steps, cfg.log_interval)
         stack.callback(metrics.close)
         if resumed is not None:
