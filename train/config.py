@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import io
 import json
 import re
@@ -115,6 +116,13 @@ class WatchdogConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to <run-dir>/tensorboard (needs the tensorboard extra);
+    metrics.jsonl stays the record. A resumed run purges what it re-runs: no zig-zags."""
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     """Directory for checkpoints, metrics.jsonl and the resolved config."""
@@ -141,6 +149,7 @@ class Config:
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 # Fields that decide tensor shapes or what a sample means: a checkpoint written under other values
@@ -197,6 +206,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(message)
     if is_url(cfg.ckpt.dir) and (problem := check_url(cfg.ckpt.dir)):
         raise ConfigError(problem)
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(
+            "--log.tensorboard true needs the tensorboard package: pip install 'ftjob[tensorboard]'"
+        )
     if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
         raise DataError(f"--data.path {cfg.data.path!r} does not exist; point it at a text file or folder")
 

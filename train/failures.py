@@ -29,7 +29,7 @@ import time
 import uuid
 from pathlib import Path
 
-from train import warmstart
+from train import records, warmstart
 from train.ckpt import objstore
 from train.config import Config
 from train.errors import (
@@ -149,6 +149,10 @@ def record_exit(run_dir: str | None, code: int, reason: str, secondary: bool = F
     for path in _targets(run_dir):
         with contextlib.suppress(OSError):  # an unwritable run dir is itself the error being reported
             _write(path, status)
+    if run_dir is not None and Path(run_dir).is_dir():  # the run's record, for the recovery report
+        row = {k: status[k] for k in ("code", "class", "cause", "reason", "secondary", "rank", "restart")}
+        with contextlib.suppress(OSError):
+            records.append(run_dir, "end", **row)
 
 
 def _write(path: Path, status: dict) -> None:

@@ -1,9 +1,6 @@
-"""What a run reports: metrics.jsonl (rank 0), log lines carrying the rank, a progress bar on a TTY.
-
-metrics.jsonl is appended to across restarts. Each row has ``kind``: "train" (one per optimizer
-step), "val", "checkpoint" (the step loop's stall for a save), or "resume". After a resume the
-steps since the checkpoint appear again; for any step, the last row written is the one the final
-model went through.
+"""What a run reports: metrics.jsonl (rank 0; its rows: train/records.py), log lines carrying the
+rank, and progress - a bar on a TTY, else a line every --log-interval steps - with loss,
+throughput and the time left, counted from the step the attempt resumed at.
 """
 
 from __future__ import annotations
@@ -17,6 +14,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from train import records
+from train.tb_log import Scalars
+
 log = logging.getLogger("train")
 
 
@@ -29,13 +29,38 @@ def setup_logging(rank: int) -> None:
     )
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+        if seconds >= 3600
+        else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
+
+
 class Metrics:
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, max_steps: int, log_interval: int):
-        self.enabled, self.log_interval = enabled, log_interval
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        start_step: int,
+        max_steps: int,
+        log_interval: int,
+        batch: int = 0,
+        tensorboard: bool = False,
+    ):
+        """``batch``: samples per step (for samples/s); ``tensorboard``: also write its scalars."""
+        self.enabled, self.log_interval, self.max_steps, self.batch = enabled, log_interval, max_steps, batch
+        self.scalars = Scalars(run_dir, enabled and tensorboard, start_step)
+        self.file = open(records.path(run_dir), "a") if enabled else None  # noqa: SIM115
         self._write_failed = False
+        self._since: tuple[int, float] | None = None  # (step, time) the rate is counted from
         interactive = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=max_steps, initial=start_step, dynamic_ncols=True) if interactive else None
+        self.bar = (
+            tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, unit="step")
+            if interactive
+            else None
+        )
 
     def _write(self, row: dict) -> None:
         if self.file is None:
@@ -50,6 +75,15 @@ class Metrics:
 
     def event(self, kind: str, **fields: object) -> None:
         self._write({"kind": kind, "time": time.time(), **fields})
+        step = fields.get("step")
+        if isinstance(step, int) and kind == "checkpoint":
+            self.scalars.add(
+                step, **{f"checkpoint__{fields.get('tier', 'durable')}_stall_s": fields["stall_s"]}
+            )
+        elif isinstance(step, int) and kind == "start":
+            self.scalars.add(
+                step, run__restart=fields.get("restart", 0), run__world_size=fields.get("world_size", 0)
+            )
 
     def train_step(
         self, step: int, loss: float, lr: float, samples: int, step_time: float, world_size: int, restart: int
@@ -69,18 +103,30 @@ class Metrics:
                 "step_time": step_time,
             }
         )
+        now = time.monotonic()
+        if self._since is None:  # the first step of an attempt (compile, warm-up): not in the rate
+            self._since = (step, now)
+        done, spent = step - self._since[0], now - self._since[1]
+        rate = done / spent if done and spent > 0 else 0.0
+        self.scalars.add(step, train__loss=loss, train__lr=lr, train__samples_per_s=rate * self.batch)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rate * self.batch:.0f}")
         elif step % self.log_interval == 0:
-            log.info("step %d loss %.4f lr %.2e %.1f ms/step", step, loss, lr, step_time * 1e3)
+            left = f", {_duration((self.max_steps - step) / rate)} left" if rate else ""
+            log.info(
+                "step %d/%d loss %.4f lr %.2e %.1f ms/step %.1f samples/s%s",
+                step, self.max_steps, loss, lr, step_time * 1e3, rate * self.batch, left,
+            )  # fmt: skip
 
     def val(self, step: int, loss: float) -> None:
         if self.enabled:
             self.event("val", step=step, val_loss=loss)
+            self.scalars.add(step, val__loss=loss)
             log.info("step %d validation loss %.4f", step, loss)
 
     def close(self) -> None:
+        self.scalars.close()
         if self.bar is not None:
             self.bar.close()
         if self.file is not None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from train import comm, stream
+from train import comm, records, stream
 from train.ckpt import manifest as mf
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.manifest import Problem
@@ -36,19 +36,6 @@ from train.state import CKPT_FILES, TrainState
 
 log = logging.getLogger("train")
 Blobs = dict[str, bytes | memoryview]
-
-
-def last_logged_step(metrics_file: Path) -> int:
-    last = 0
-    if metrics_file.exists():
-        for line in metrics_file.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if row.get("kind") == "train":
-                last = max(last, int(row["step"]))
-    return last
 
 
 def _digest(files: dict) -> str:
@@ -240,7 +227,7 @@ def resume(
     report = {
         "node": env.node,
         "candidates": _candidates([manager if reads else None, local]),
-        "last_logged": last_logged_step(run_dir / "metrics.jsonl") if reads or local is not None else 0,
+        "last_logged": records.last_step(records.read(run_dir)) if reads or local is not None else 0,
     }
     reports = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(report).encode(), env.device)]
     excluded: set[tuple[int, str]] = set()

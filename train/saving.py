@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,6 +81,7 @@ class SavePolicy:
         self._committed = writer.last_committed
         self._size: int | None = None  # bytes of one checkpoint, known at the first save
         self._last_error = ""
+        self.on_failure: Callable[[str], object] = lambda line: None  # each failed save, in one line
 
     # -- space ---------------------------------------------------------------------------------------
     def _free(self) -> int | None:
@@ -210,6 +212,7 @@ class SavePolicy:
             else f"retrying at the next interval ({self.failures} of {self.cfg.max_failures} failures in "
             "a row before the job stops)"
         )
+        self.on_failure(self._last_error)
         log.error(
             "checkpoint save failed: %s; %s%s; newest checkpoint: %s",
             self._last_error,

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -15,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from train import comm, config, faults, preempt, replicas, rng
+from train import comm, config, faults, preempt, replicas, rng, warmstart
 from train import dist as distributed
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, open_storage
@@ -179,10 +180,21 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         # On the way out, wait for a save in flight, but never for one that is hung.
         stack.push(lambda kind, *_: writer.close(0 if kind is StorageError else cfg.ckpt.save_timeout_s))
         policy = SavePolicy(writer, manager, cfg.ckpt, env, writes or tier.writing, tier)
-        metrics = Metrics(run_dir, env.is_main, state.step, cfg.max_steps, cfg.log_interval)
+        metrics = Metrics(
+            run_dir,
+            env.is_main,
+            state.step,
+            cfg.max_steps,
+            cfg.log_interval,
+            plan.global_batch_size,
+            tensorboard=cfg.log.tensorboard,
+        )
         stack.callback(metrics.close)
+        warm = bool(os.environ.get(warmstart.WARM_ENV))
+        metrics.event("start", restart=env.restart, world_size=env.world_size, warm=warm, step=state.step)
         if resumed is not None:
             metrics.event("resume", **resumed)
+        policy.on_failure = lambda line: metrics.event("checkpoint_failed", step=state.step, error=line)
         stop = stack.enter_context(preempt.StopSignals())
         watchdog = stack.enter_context(Watchdog(cfg.watchdog, env.rank, cfg.run_dir))
         meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
@@ -258,6 +270,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
                         "written (slow storage?)",
                         state.step,
                     )
+                    metrics.event("checkpoint_skipped", step=state.step, why="previous save still running")
                 elif tier.due(state.step) and not (save_busy or policy.local_busy):
                     save_local()  # skipped while any save runs: the next interval comes soon
                 if cfg.eval_interval and (state.step % cfg.eval_interval == 0 or final) and not preempted:

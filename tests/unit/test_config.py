@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from train import config
+from train import config, records
 from train.config import Config, fingerprint, parse
 from train.errors import EXIT_CONFIG, ConfigError, DataError
 
@@ -373,10 +373,11 @@ def test_main_bad_value_exits_2_with_one_line(tmp_path):
     assert lines[0].startswith("error:")
     assert "--max-steps" in lines[0]
     assert "Traceback" not in proc.stderr
-    # It failed while parsing, before any training or process-group set-up: at most an exit status
-    # record may be left in the run dir, no metrics, no checkpoints.
+    # It failed while parsing, before any training or process-group set-up: at most the records
+    # of its ending may be left in the run dir, no training rows, no checkpoints.
     leftovers = {p.name for p in run_dir.iterdir()} if run_dir.exists() else set()
-    assert leftovers <= {"exit_status.json"}, leftovers
+    assert leftovers <= {"exit_status.json", "metrics.jsonl"}, leftovers
+    assert {r["kind"] for r in records.read(run_dir)} <= {"end"}
     assert elapsed < 30
 
 
