@@ -39,6 +39,9 @@ class DataConfig:
     """Context length in bytes (tokens)."""
     val_every: int = 20
     """Every N-th source file (in sorted order) goes to the validation split."""
+    workers: int = 0
+    """DataLoader worker processes preparing batches ahead (in the sampler's order: resume stays
+    bit-exact); 0: the step loop prepares each batch itself."""
 
 
 @dataclass
@@ -139,6 +142,9 @@ class Config:
     eval_interval: int = 100
     """Validation every N steps (and at the end); 0 disables."""
     eval_batches: int = 8
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """bf16 / fp16: autocast for the forward (CPU too); fp16 adds a gradient scaler, saved with the
+    checkpoints (a step it skips on inf/nan still consumes its batch). Weights and optimizer stay fp32."""
     deterministic: bool = True
     """Deterministic kernels (matters on CUDA): required for bit-exact resume on GPUs; costs some speed."""
     sample_bytes: int = 200
@@ -189,6 +195,7 @@ def validate(cfg: Config) -> None:
         (cfg.ckpt.local_interval >= 0, "--ckpt.local-interval must be >= 0 (0: no node-local tier)"),
         (cfg.data.seq_len >= 1, "--data.seq-len must be >= 1"),
         (cfg.data.val_every >= 2, "--data.val-every must be >= 2"),
+        (cfg.data.workers >= 0, "--data.workers must be >= 0 (0: no worker processes)"),
         (
             cfg.model.n_embd % max(cfg.model.n_head, 1) == 0,
             "--model.n-embd must be divisible by --model.n-head",

@@ -22,6 +22,7 @@ from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, open_storage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import EXIT_PREEMPTED, StorageError
+from train.loader import Batches
 from train.local_tier import LocalTier
 from train.metrics import Metrics
 from train.resume import resume
@@ -51,6 +52,13 @@ def build_optimizer(model: torch.nn.Module, cfg: config.OptimConfig) -> torch.op
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
+def autocast(device: torch.device, precision: str):
+    """The forward's autocast for --precision (fp32: none)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def train_step(
     task: Task,
     model: torch.nn.Module,
@@ -59,27 +67,42 @@ def train_step(
     env: distributed.DistEnv,
     grad_clip: float,
     before_update: Callable[[], None],
+    precision: str = "fp32",
+    batches: Batches | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step; returns this rank's mean loss over its micro-batches and the step's LR.
 
     ``before_update`` runs right before the weights change (a background checkpoint copy may still
-    be reading them until then).
+    be reading them until then). ``batches``: DataLoader workers' micro-batches, in the sampler's
+    order (None: built here from the sampler's indices).
     """
-    micro_batches = state.sampler.step_indices(plan, env.rank)
+    micro_batches = state.sampler.step_indices(plan, env.rank) if batches is None else [[]] * plan.accum_steps
     loss_sum = torch.zeros((), device=env.device)
+    scaler = state.scaler
     for m, indices in enumerate(micro_batches):
-        batch = collate([task.train_data[i] for i in indices], env.device)
+        if batches is not None:
+            batch = batches.next()
+        else:
+            batch = collate([task.train_data[i] for i in indices], env.device, task.collate_fn)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
         sync = m == plan.accum_steps - 1 or not isinstance(model, DDP)
         with contextlib.nullcontext() if sync else model.no_sync():
-            loss = task.loss_fn(model, batch) / plan.accum_steps
-            loss.backward()
+            with autocast(env.device, precision):
+                loss = task.loss_fn(model, batch).float() / plan.accum_steps
+            (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_sum += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(state.optimizer)  # clipping sees the true gradients
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), grad_clip)
     before_update()
     lr = state.optimizer.param_groups[0]["lr"]
-    state.optimizer.step()
+    if scaler is not None:
+        # On inf/nan the scaler skips the update; the step still counts, and consumes its data.
+        scaler.step(state.optimizer)
+        scaler.update()
+    else:
+        state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.sampler.advance(plan)
@@ -102,7 +125,7 @@ def warm_up_buckets(
     if not isinstance(model, DDP) or env.world_size <= 2:
         return
     indices = state.sampler.step_indices(plan, env.rank)[0]
-    batch = collate([task.train_data[i] for i in indices], env.device)
+    batch = collate([task.train_data[i] for i in indices], env.device, task.collate_fn)
     devices = [env.device] if env.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         model.eval()
@@ -124,7 +147,9 @@ def evaluate(task: Task, cfg: config.Config, plan: BatchPlan, env: distributed.D
     for b in range(cfg.eval_batches):
         start = (b * env.world_size + env.rank) * per_rank
         indices = [i % len(task.val_data) for i in range(start, start + per_rank)]
-        total += task.loss_fn(model, collate([task.val_data[i] for i in indices], env.device))
+        batch = collate([task.val_data[i] for i in indices], env.device, task.collate_fn)
+        with autocast(env.device, cfg.precision):
+            total += task.loss_fn(model, batch).float()
     model.train()
     rng.restore(streams, env.device)
     return float(comm.mean(total / cfg.eval_batches))
@@ -147,7 +172,9 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     rng.seed_all(cfg.seed + 1000 * env.rank)
     optimizer = build_optimizer(task.model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.optim, cfg.max_steps))
-    state = TrainState(task.model, optimizer, scheduler, GlobalSampler(len(task.train_data), cfg.seed))
+    scaler = torch.amp.GradScaler(env.device.type) if cfg.precision == "fp16" else None
+    sampler = GlobalSampler(len(task.train_data), cfg.seed)
+    state = TrainState(task.model, optimizer, scheduler, sampler, scaler)
 
     storage = open_storage(config.ckpt_dir(cfg))
     manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
@@ -195,6 +222,12 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         if resumed is not None:
             metrics.event("resume", **resumed)
         policy.on_failure = lambda line: metrics.event("checkpoint_failed", step=state.step, error=line)
+        batches = None
+        if cfg.data.workers:  # from the resumed cursor on; the workers end with this block
+            batches = Batches(
+                task.train_data, state.sampler, plan, env.rank, env.device, cfg.data.workers, task.collate_fn
+            )
+            stack.callback(batches.close)
         stop = stack.enter_context(preempt.StopSignals())
         watchdog = stack.enter_context(Watchdog(cfg.watchdog, env.rank, cfg.run_dir))
         meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
@@ -236,7 +269,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         while not final:
             t0 = time.perf_counter()
             local_loss, lr = train_step(
-                task, model, state, plan, env, cfg.optim.grad_clip, writer.wait_staged
+                task, model, state, plan, env, cfg.optim.grad_clip, writer.wait_staged, cfg.precision, batches
             )
             # One small all-reduce per step carries the logged loss and everything the ranks must
             # agree on at this boundary: a stop signal on any rank, and rank 0's saving state (a

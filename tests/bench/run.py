@@ -22,6 +22,7 @@ Rows:
   L1-L3 the node-local tier: steps/s with it, steps lost to a SIGKILL and to a node loss
       (local_tier_bench.py)
   N1-N2 node loss and rejoin through the launcher, its default settings (launcher_bench.py)
+  W1-W2 DataLoader workers and bf16 (training_bench.py)
   S1-S4 durable checkpoints on a real S3 server on loopback vs local disk (s3_bench.py)
 """
 
@@ -471,6 +472,7 @@ def main() -> int:
         "l2": (2, 60) if q else (5, 80),  # (trials of each kind, steps)
         "n1": 1 if q else 3,  # trials per rendezvous backend
         "s3": (50, 2) if q else (200, 4),  # (MB of state, timed rounds)
+        "w1": (1, 40) if q else (2, 60),  # (runs per side, steps)
     }
     header = [f"## ftjob benchmarks ({'quick' if q else 'full'} mode)", "", *machine()]
     shutil.rmtree(WORK, ignore_errors=True)
@@ -754,6 +756,19 @@ def main() -> int:
                   fmt_mb(load["growth"]), fmt_mb(load["state_bytes"]), load["growth"] / load["state_bytes"],
                   "<= 1.2x")  # fmt: skip
 
+    def training() -> None:
+        from training_bench import bench_w1_w2
+
+        reps, steps = plan["w1"]
+        r = raw["training"] = bench_w1_w2(reps, steps)
+        n = f"{steps} steps, median of {reps} runs each"
+        table.add("W1", f"steps/s, 2 DataLoader workers / none, 1 rank, samples of ~7 ms CPU each, {n}",
+                  f"{r['workers']['median']:.3f}", f"{r['main']['median']:.3f}",
+                  r["workers"]["median"] / r["main"]["median"], ">= 1.5x")  # fmt: skip
+        table.add("W2", f"steps/s, --precision bf16 / fp32, default GPT, 2 ranks, CPU, {n}",
+                  f"{r['bf16']['median']:.3f}", f"{r['fp32']['median']:.3f}",
+                  r["bf16"]["median"] / r["fp32"]["median"], "ref 0")  # fmt: skip
+
     wanted = set(args.only.split(",")) if args.only else None
     for rid, metric, fn in (
         ("T1", "job vs bare DDP steps/s", t1),
@@ -764,6 +779,7 @@ def main() -> int:
         ("L1-L3", "the node-local tier", local_tier),
         ("N1-N2", "node loss and rejoin through the launcher", nodes),
         ("S1-S4", "checkpoints in object storage", s3),
+        ("W1-W2", "DataLoader workers, mixed precision", training),
     ):
         if wanted is None or rid in wanted:
             section(table, rid, metric, fn)

@@ -14,6 +14,8 @@ import pytest
 import safetensors.torch
 from conftest import MAIN, REPO, metrics_rows, run_torchrun, tiny_args, train_losses
 
+from train import records
+
 pytestmark = pytest.mark.timeout(300)
 
 GLOBAL_BATCH = 8  # tiny_args' --global-batch-size
@@ -77,7 +79,9 @@ def test_torchrun_two_ranks(tmp_path, corpus):
     assert [r["step"] for r in val_rows] == [20, 40]
     for r in val_rows:
         assert "loss" not in r and isinstance(r["val_loss"], float) and math.isfinite(r["val_loss"])
-    assert {r["kind"] for r in rows} == {"train", "val", "checkpoint"}  # a fresh run: no resume row
+    # A fresh run: no resume row; its start and (per rank) its ending.
+    assert {r["kind"] for r in rows} == {"start", "train", "val", "checkpoint", "end"}
+    assert [r["code"] for r in rows if r["kind"] == "end"] == [0, 0]
     saves = [r for r in rows if r["kind"] == "checkpoint"]
     assert [r["step"] for r in saves] == [10, 20, 30, 40] and all(r["stall_s"] >= 0 for r in saves)
 
@@ -146,7 +150,8 @@ def test_bad_config_fails_before_any_process_group(tmp_path, corpus):
     assert errors, proc.stderr[-3000:]
     assert all("--ckpt.keep" in line for line in errors), errors
     assert "process group up" not in proc.stdout + proc.stderr
-    assert not (run_dir / "metrics.jsonl").exists()
+    # Nothing trained: the record holds at most how it ended.
+    assert {r["kind"] for r in records.read(run_dir)} <= {"end"}
 
 
 def test_default_config_on_stdlib_corpus(tmp_path):
