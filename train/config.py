@@ -145,6 +145,11 @@ class Config:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """bf16 / fp16: autocast for the forward (CPU too); fp16 adds a gradient scaler, saved with the
     checkpoints (a step it skips on inf/nan still consumes its batch). Weights and optimizer stay fp32."""
+    compile: bool = False
+    """torch.compile the (DDP-wrapped) model. Checkpoints keep plain parameter names: a compiled
+    run resumes from an uncompiled one's checkpoints and vice versa. Compiled kernels are cached in
+    <data.cache-dir>/inductor, so a restart recompiles from the cache; restarts are cold (a trainer
+    forked by a warm restart recompiled far slower than a fresh process: 16.9 s vs 2.4 s)."""
     deterministic: bool = True
     """Deterministic kernels (matters on CUDA): required for bit-exact resume on GPUs; costs some speed."""
     sample_bytes: int = 200

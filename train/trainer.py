@@ -52,6 +52,18 @@ def build_optimizer(model: torch.nn.Module, cfg: config.OptimConfig) -> torch.op
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
+def _is_ddp(model: torch.nn.Module) -> bool:
+    return isinstance(getattr(model, "_orig_mod", model), DDP)  # compiled or not
+
+
+def compiled(model: torch.nn.Module, cfg: config.Config) -> torch.nn.Module:
+    # Inductor's default cache is /tmp/torchinductor_<user>, which another user could create first.
+    cache = Path(cfg.data.cache_dir).expanduser() / "inductor"
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    return torch.compile(model)
+
+
 def autocast(device: torch.device, precision: str):
     """The forward's autocast for --precision (fp32: none)."""
     if precision == "fp32":
@@ -85,7 +97,7 @@ def train_step(
         else:
             batch = collate([task.train_data[i] for i in indices], env.device, task.collate_fn)
         # Gradients are all-reduced once per optimizer step, on the last micro-batch.
-        sync = m == plan.accum_steps - 1 or not isinstance(model, DDP)
+        sync = m == plan.accum_steps - 1 or not _is_ddp(model)
         with contextlib.nullcontext() if sync else model.no_sync():
             with autocast(env.device, precision):
                 loss = task.loss_fn(model, batch).float() / plan.accum_steps
@@ -122,7 +134,7 @@ def warm_up_buckets(
     With 1 or 2 ranks every element is a sum of at most two addends, exact in any order, so the
     throwaway step (a full step's time on every restart) is skipped.
     """
-    if not isinstance(model, DDP) or env.world_size <= 2:
+    if not _is_ddp(model) or env.world_size <= 2:
         return
     indices = state.sampler.step_indices(plan, env.rank)[0]
     batch = collate([task.train_data[i] for i in indices], env.device, task.collate_fn)
@@ -197,6 +209,8 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
         if env.backend
         else task.model
     )
+    if cfg.compile:  # DDP first, then compile (DDP's graph breaks at its buckets); the state keeps task.model
+        model = compiled(model, cfg)
 
     warm_up_buckets(task, model, state, plan, env)
 
