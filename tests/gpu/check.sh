@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One short, prepared check of the CUDA/nccl path, for a session that has a GPU machine lent.
 # Run from the repo root on the GPU machine: bash tests/gpu/check.sh  (results under $OUT or /tmp/gpu-check)
-# It installs a CUDA build of torch into its own venv, trains with nccl in fp32 and in bf16 with
-# DataLoader workers, kills each run mid-way, checks the resume is bit-exact (exit 1 if not), and
-# measures checkpoint stall / step-rate ratios with CUDA tensors. torch.compile: not built yet.
+# It installs a CUDA build of torch into its own venv, trains with nccl in fp32, and in bf16 with
+# torch.compile and DataLoader workers, kills each run mid-way, checks the resume is bit-exact
+# (exit 1 if not), and measures checkpoint stall / step-rate ratios with CUDA tensors.
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
@@ -21,9 +21,9 @@ TR=(python3 -m torch.distributed.run --standalone --nproc_per_node="$NGPU")
 # Each mode: an uninterrupted run, and one SIGKILLed after step 50 and restarted (warm: a trainer
 # forked from the zygote, CUDA first used there); both must end bit for bit alike. Any failed run
 # or mismatch fails the script (no `|| true`): the exit code is the verdict.
-for MODE in "fp32" "bf16 --data.workers 2"; do
+for MODE in "fp32" "bf16 --data.workers 2 --compile true"; do
   read -r PREC EXTRA <<<"$MODE"
-  NAME="$PREC${EXTRA:+-workers}"
+  NAME="$PREC${EXTRA:+-workers-compile}"
   # shellcheck disable=SC2086  # EXTRA holds options
   "${TR[@]}" train/main.py --run-dir "$OUT/$NAME-ref" "${ARGS[@]}" --precision "$PREC" $EXTRA >"$OUT/$NAME-ref.log" 2>&1
   # shellcheck disable=SC2086
