@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   # shellcheck source=/dev/null
   python3 -m venv /tmp/gpu-venv && . /tmp/gpu-venv/bin/activate
-  pip install -q torch tyro safetensors xxhash tqdm
+  pip install -q torch tyro safetensors xxhash tqdm numpy
 fi
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 NGPU=$(python3 -c "import torch; print(torch.cuda.device_count())")
