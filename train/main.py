@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = None
     try:
         cfg = config.parse(argv)
-        warm_ms = os.environ.get(warmstart.WARM_ENV)
+        warm_ms = warmstart.warm_ms()
         if warm_ms:
             log.info("warm restart: trainer forked %s ms after the worker started", warm_ms)
         else:

@@ -45,9 +45,20 @@ def read(run_dir: str | Path) -> list[dict]:
     for line in text.splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             row = json.loads(line)
-            if isinstance(row, dict) and isinstance(row.get("kind"), str):
+            if _well_formed(row):
                 rows.append(row)
     return rows
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _well_formed(row: object) -> bool:
+    """A copied run dir may hold anything: readers rely on a kind, a time, and a train row's step."""
+    if not (isinstance(row, dict) and isinstance(row.get("kind"), str) and _number(row.get("time"))):
+        return False
+    return row["kind"] != "train" or (isinstance(row.get("step"), int) and _number(row.get("loss")))
 
 
 def append(run_dir: str | Path, kind: str, **fields: object) -> None:

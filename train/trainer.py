@@ -21,10 +21,11 @@ from train import dist as distributed
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, open_storage
 from train.ckpt.writer import CheckpointWriter
-from train.errors import EXIT_PREEMPTED, StorageError
+from train.errors import EXIT_PREEMPTED, ConfigError, StorageError
 from train.loader import Batches
 from train.local_tier import LocalTier
 from train.metrics import Metrics
+from train.private import Untrusted, private_dir
 from train.resume import resume
 from train.sampler import BatchPlan, GlobalSampler, plan_batches
 from train.saving import SavePolicy
@@ -59,7 +60,11 @@ def _is_ddp(model: torch.nn.Module) -> bool:
 def compiled(model: torch.nn.Module, cfg: config.Config) -> torch.nn.Module:
     # Inductor's default cache is /tmp/torchinductor_<user>, which another user could create first.
     cache = Path(cfg.data.cache_dir).expanduser() / "inductor"
-    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        private_dir(cache, create=True)  # compiled code is loaded from it: it must be ours alone
+    except Untrusted as e:
+        raise ConfigError(f"--compile: {e}; set --data.cache-dir to a directory of your own") from None
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
     return torch.compile(model)
 
@@ -231,7 +236,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             tensorboard=cfg.log.tensorboard,
         )
         stack.callback(metrics.close)
-        warm = bool(os.environ.get(warmstart.WARM_ENV))
+        warm = warmstart.warm_ms() is not None
         metrics.event("start", restart=env.restart, world_size=env.world_size, warm=warm, step=state.step)
         if resumed is not None:
             metrics.event("resume", **resumed)

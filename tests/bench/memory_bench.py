@@ -62,14 +62,14 @@ def manager(root: Path) -> CheckpointManager:
     return CheckpointManager(LocalStorage(root / "checkpoints"), keep=2, files=CKPT_FILES)
 
 
-def save(mb: int, root: Path) -> None:
+def save(mb: int, root: Path, m: CheckpointManager | None = None, kind: str = "save") -> None:
     state = build_state(mb, 0)
-    m = manager(root)
+    m = m or manager(root)
     for step in (1, 2):  # the first save allocates the staging buffers; later ones reuse them
         base = _reset_peak()
         m.save(step, state.snapshot(torch.device("cpu"), True)(), {"fingerprint": "bench"})
         growth = _status("VmHWM") - base
-        print(json.dumps({"kind": "save", "save": step, "state_bytes": state.nbytes(), "growth": growth}))
+        print(json.dumps({"kind": kind, "save": step, "state_bytes": state.nbytes(), "growth": growth}))
 
 
 def _one_cpu(index: int) -> None:
@@ -129,13 +129,7 @@ def local(mb: int, root: Path) -> None:
 
 def s3save(mb: int, url: str) -> None:
     """As save(), to a --ckpt.dir URL (S1-S4: the AWS_* variables come from the caller)."""
-    state = build_state(mb, 0)
-    m = CheckpointManager(open_storage(url), keep=2, files=CKPT_FILES)
-    for step in (1, 2):
-        base = _reset_peak()
-        m.save(step, state.snapshot(torch.device("cpu"), True)(), {"fingerprint": "bench"})
-        growth = _status("VmHWM") - base
-        print(json.dumps({"kind": "s3save", "save": step, "state_bytes": state.nbytes(), "growth": growth}))
+    save(mb, Path(), CheckpointManager(open_storage(url), keep=2, files=CKPT_FILES), kind="s3save")
 
 
 def s3load(mb: int, url: str) -> None:
