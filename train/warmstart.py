@@ -58,6 +58,8 @@ WARM_ENV = "FTJOB_WARM_START"  # set in a forked trainer: "<ms from worker start
 def warm_ms() -> str | None:
     """In a trainer forked by a warm restart: ms from its worker's start to the fork; else None."""
     return os.environ.get(WARM_ENV) or None
+
+
 OPT_OUT_ENV = "FTJOB_WARM_RESTART"  # "0"/"false"/"no"/"off": no zygote, no hand-off
 RUNTIME_DIR_ENV = "FTJOB_RUNTIME_DIR"  # where sockets go (default: $XDG_RUNTIME_DIR/ftjob or /tmp/ftjob-UID)
 _FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
