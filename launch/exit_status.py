@@ -81,8 +81,9 @@ def rendezvous_lost(records: str) -> tuple[int, str] | None:
 def decide(status_file: str, records: str, stop_signal: int | None) -> tuple[int, str]:
     job = job_record(status_file)
     # A permanent error counts even from a rank that only echoes another's (the same error, found
-    # by every rank); a finish or a save only from a rank that saw it itself.
-    if job is not None and (1 <= job[0] <= 127 or (not job[2] and job[0] in (0, 143))):
+    # by every rank); any other ending only from a rank that saw it itself - then it is the cause,
+    # whatever torchrun met afterwards (the rendezvous host gone as the job was ending, say).
+    if job is not None and (1 <= job[0] <= 127 or not job[2]):
         return job[0], job[1]
     agent = agent_record(records) or rendezvous_lost(records)
     if agent is not None:
