@@ -8,7 +8,8 @@
 3. Every rank that can see a copy (its own node's, or any in a shared run directory) reads and
    verifies that copy. The sender streams its copy, while reading it, to the ranks that cannot see
    one (train/stream.py): only nodes that lack the checkpoint get it over the network. A receiver
-   verifies what arrives against the manifest, as a reader does.
+   decodes each file as it arrives (train/ckpt/decoder.py), the weights straight into its model's
+   own tensors, and verifies it against the manifest, as a reader does.
 4. One all-gather of the outcomes. If any copy failed (checksum, decoding, does not fit the model)
    the round repeats without it: another node's copy, or the next older step, as on one node.
 
@@ -22,11 +23,12 @@ import hashlib
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
 from train import comm, records, stream
-from train.ckpt import manifest as mf
+from train.ckpt.decoder import Decoder
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.manifest import Problem
 from train.ckpt.objstore import open_storage
@@ -35,7 +37,7 @@ from train.errors import IncompatibleCheckpointError
 from train.state import CKPT_FILES, TrainState
 
 log = logging.getLogger("train")
-Blobs = dict[str, bytes | memoryview]
+Objects = dict[str, Any]  # a checkpoint's files, decoded
 
 
 def _digest(files: dict) -> str:
@@ -118,13 +120,13 @@ def _plan(reports: list[dict], excluded: set[tuple[int, str]], fingerprint: str)
     return {"status": "ok", "source": source, "chosen": chosen, "holders": holders}
 
 
-def _check(state: TrainState, entries: dict, blobs: Blobs) -> None:
+def _check(state: TrainState, entries: dict, objects: Objects) -> None:
+    if set(objects) != set(entries):
+        raise Problem("it does not hold the files its manifest lists")
     try:
-        state.check(decode(blobs))
+        state.check(objects)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise Problem(f"its contents do not fit this job ({e})") from None
-    if set(blobs) != set(entries):
-        raise Problem("it does not hold the files its manifest lists")
 
 
 def _role(
@@ -149,13 +151,14 @@ def _load(
     managers: list[CheckpointManager],
     plan: dict,
     roles: list[tuple[str, dict | None]],
-) -> tuple[Blobs, str]:
-    """This rank's part of one round: (its files, "" or why they are not usable)."""
+) -> tuple[Objects, str]:
+    """This rank's part of one round: (its files decoded, "" or why they are not usable)."""
     source, chosen = plan["source"], plan["chosen"]
     receivers = [rank for rank, (role, _) in enumerate(roles) if role == "receive"]
     group = dist.new_group([source, *receivers]) if receivers else None  # every rank calls it
     role, copy = roles[env.rank]
-    blobs: Blobs = {}
+    blobs: dict[str, bytes | memoryview] = {}
+    objects: Objects = {}
     try:
         if role == "receive":
             return _receive(env, state, chosen, source, group)
@@ -173,7 +176,8 @@ def _load(
             manifest, blobs = reader.read_verified(name, on_chunk=relay.piece if relay else None)
             if _digest(manifest["files"]) != chosen["digest"]:
                 raise Problem("it changed since it was listed")
-            _check(state, chosen["entries"], blobs)
+            objects = decode(blobs)
+            _check(state, chosen["entries"], objects)
         except Problem as p:
             problem = str(p)
         except Exception as e:  # an I/O error (EIO, ESTALE...): this copy fails, the round goes on
@@ -183,27 +187,42 @@ def _load(
                 relay.finish(blobs)
         if role == "own":
             reader.record(name, problem)
-        return (blobs if not problem else {}), problem
+        return (objects if not problem else {}), problem
     finally:
         if group is not None:
             dist.destroy_process_group(group)
 
 
-def _receive(env: DistEnv, state: TrainState, chosen: dict, source: int, group) -> tuple[Blobs, str]:
-    blobs: Blobs = {}
+def _receive(env: DistEnv, state: TrainState, chosen: dict, source: int, group) -> tuple[Objects, str]:
+    """Each file decoded as it arrives, the model's part straight into the model's own tensors: no
+    copy of the checkpoint is ever whole in memory here (if it then fails to verify, the model
+    holds part of it: see resume())."""
+    objects: Objects = {}
     problems = []
+    targets = state.targets()
     for file, entry in chosen["entries"].items():
-        hashing = mf.BackgroundChecksum()
-        data = stream.receive(entry["size"], env.device, source, group, hashing.feed)
-        if hashing.digest_of(data) != entry["xxh3_64"]:
+        decoder = Decoder(file, entry["size"], targets.get(file))
+        if stream.receive(entry["size"], env.device, source, group, decoder.feed) != entry["xxh3_64"]:
             problems.append(f"{file}: checksum mismatch as received")
-        blobs[file] = data
+            continue
+        try:
+            objects[file] = decoder.result()
+        except Exception as e:  # as decode() does: whatever a malformed file raises
+            problems.append(f"{file} does not deserialise: {str(e)[:200] or type(e).__name__}")
     if not problems:
         try:
-            _check(state, chosen["entries"], blobs)
-        except Exception as e:
+            _check(state, chosen["entries"], objects)
+        except Exception as e:  # never raise alone: the other ranks are waiting for the outcome
             problems.append(str(e) if isinstance(e, Problem) else f"{type(e).__name__}: {e}")
-    return (blobs if not problems else {}), "; ".join(problems)
+    return (objects if not problems else {}), "; ".join(problems)
+
+
+def _resync(state: TrainState, env: DistEnv, received: set[int]) -> None:
+    """The model of a rank that received into it holds part of a checkpoint that failed: start it
+    again from the weights of a rank that never received (every rank starts from the same ones)."""
+    clean = min(set(range(env.world_size)) - received)
+    for tensor in state.model.state_dict().values():
+        dist.broadcast(tensor, clean)
 
 
 def resume(
@@ -234,11 +253,14 @@ def resume(
     forced: set[int] = set()
     skipped: list[str] = []
     transfer_failures = 0
+    received: set[int] = set()  # ranks that received (into their model) in any round
     while True:
         plan = _plan(reports, excluded, fingerprint)
         if plan["status"] == "error":
             raise IncompatibleCheckpointError(plan["message"], echo=env.rank == 0)
         if plan["status"] == "none":
+            if received:
+                _resync(state, env, received)
             if plan["last_logged"]:
                 log.warning(
                     "no valid checkpoint on any node, but metrics.jsonl shows %d completed step(s): "
@@ -249,11 +271,12 @@ def resume(
                 log.info("no checkpoint to resume from: starting at step 1")
             return None
         roles = [_role(rank, plan, reports, shared, forced) for rank in range(len(reports))]
-        blobs, problem = _load(env, state, managers, plan, roles)
+        received.update(rank for rank, (role, _) in enumerate(roles) if role == "receive")
+        objects, problem = _load(env, state, managers, plan, roles)
         outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
         if not any(outcomes):
             break
-        blobs = {}  # not two copies in memory during the next round
+        objects = {}  # not two copies in memory during the next round
         transfer_failures += _exclude(plan, roles, outcomes, excluded, forced, skipped)
         if transfer_failures > 1:
             raise RuntimeError(
@@ -272,7 +295,7 @@ def resume(
             chosen["step"],
             receivers,
         )
-    state.restore(blobs, env.rank, env.world_size, env.device)
+    state.load(objects, env.rank, env.world_size, env.device)
     lost = max(max(r["last_logged"] for r in reports) - chosen["step"], 0)
     log.info(
         "resumed from step %d (%s); %d completed step(s) lost, next step %d",

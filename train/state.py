@@ -2,8 +2,8 @@
 
 Files: ``model.safetensors`` (plain {name: tensor}, unwrapped), ``optim.safetensors`` and
 ``train.safetensors`` (step, scheduler, sampler, grad scaler, and the RNG states of every rank).
-Rank 0 reads and verifies; the other ranks receive the bytes by broadcast, so no rank but rank 0
-needs to see the run directory's filesystem.
+Which rank reads which copy, and who receives one, is train/resume.py's business: this object
+only turns state into files and decoded files back into state.
 """
 
 from __future__ import annotations
@@ -155,10 +155,19 @@ class TrainState:
         if not train["rng"]:
             raise ValueError(f"{TRAIN_FILE} holds no RNG state")
 
+    def targets(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors a checkpoint's files may be decoded straight into, per file: the model's own
+        (a restore overwrites every one of them). Not the optimizer's: it may have no state yet."""
+        return {MODEL_FILE: self.model.state_dict()}
+
     def restore(
-        self, blobs: dict[str, bytes], rank: int, world_size: int, device: torch.device = CPU
+        self, blobs: dict[str, bytes | memoryview], rank: int, world_size: int, device: torch.device = CPU
     ) -> None:
-        weights = deserialize(MODEL_FILE, blobs[MODEL_FILE])
+        self.load({file: deserialize(file, data) for file, data in blobs.items()}, rank, world_size, device)
+
+    def load(self, objects: dict[str, Any], rank: int, world_size: int, device: torch.device = CPU) -> None:
+        """Restore from the decoded checkpoint files (see check())."""
+        weights = objects[MODEL_FILE]
         try:
             self.model.load_state_dict(weights, strict=True)
         except RuntimeError as e:
@@ -167,8 +176,8 @@ class TrainState:
                 f"checkpoint weights do not fit this model ({first}); "
                 "resume with the model config it was written with, or use a new --run-dir"
             ) from None
-        self.optimizer.load_state_dict(deserialize(OPTIM_FILE, blobs[OPTIM_FILE]))
-        train = deserialize(TRAIN_FILE, blobs[TRAIN_FILE])
+        self.optimizer.load_state_dict(objects[OPTIM_FILE])
+        train = objects[TRAIN_FILE]
         self.scheduler.load_state_dict(train["scheduler"])
         self.sampler.load_state_dict(train["sampler"])
         if self.scaler is not None and train["scaler"] is not None:

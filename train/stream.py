@@ -1,10 +1,11 @@
 """A file's bytes from one rank to a group of others, sent while the sender is still reading it.
 
 Both sides cut a file of known size into the same fixed chunks. The sender broadcasts each chunk
-as soon as its read has filled it, so reading and sending overlap, and a receiver writes each chunk
-straight into its own buffer and checksums it on a thread
-while the next one arrives: receiving costs little more than the sender's read. Only the chunk
-travels on a GPU backend (one reusable CHUNK-sized device buffer), never a whole file.
+as soon as its read has filled it, so reading and sending overlap. A receiver cycles through a
+few chunk buffers: each chunk that lands is handed on (to a train.ckpt.decoder, which copies
+its bytes into the tensors that will hold them) and checksummed on a thread while the next
+arrives. So receiving costs little more than the sender's read, and never holds a whole file.
+Only the chunk travels on a GPU backend (one reusable CHUNK-sized device buffer).
 
 A sender whose read fails half way still sends every chunk (zeros for what it does not have), so
 the receivers' collectives line up; their checksum then fails, and the caller decides again.
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from train.ckpt import manifest as mf
+
 CHUNK = 16 << 20  # small enough to start sending early, big enough for gloo's full speed
 WINDOW = 2  # chunks in flight on a CPU backend
+RING = WINDOW + 2  # a receiver's host chunks: in flight, being checksummed, free
 
 
 class _Chunks:
@@ -100,16 +105,30 @@ def receive(
     device: torch.device,
     src: int,
     group: dist.ProcessGroup,
-    on_chunk: Callable[[memoryview], object],
-) -> memoryview:
-    """The sender's file: ``size`` bytes, each chunk handed to ``on_chunk`` in order once it landed."""
-    buffer = np.empty(size, dtype=np.uint8)
+    on_chunk: Callable[[torch.Tensor], object],
+) -> str:
+    """The sender's file of ``size`` bytes, chunk by chunk: each handed in order to ``on_chunk``
+    once it landed (a host uint8 tensor, reused after the call: copy out what is kept), and
+    checksummed on a thread meanwhile. Returns the file's checksum (xxh3_64, as in a manifest).
+    Memory: RING chunks, whatever the size."""
+    count = -(-size // CHUNK)
+    ring = [np.empty(min(CHUNK, size), dtype=np.uint8) for _ in range(min(RING, count))]
+    hashed: list[Future | None] = [None] * len(ring)
+    hashing = mf.BackgroundChecksum()
     chunks = _Chunks(size, device, src, group)
-    for start in range(0, size, CHUNK):
-        view = buffer[start : start + CHUNK]
-        chunks._broadcast(view, sending=False, then=lambda view=view: on_chunk(memoryview(view)))
+    for index, start in enumerate(range(0, size, CHUNK)):
+        slot = index % len(ring)
+        if hashed[slot] is not None:  # its previous chunk was handed on; wait until it is hashed
+            hashed[slot].result()
+        view = ring[slot][: min(CHUNK, size - start)]
+
+        def landed(view: np.ndarray = view, slot: int = slot) -> None:
+            hashed[slot] = hashing.feed(memoryview(view))
+            on_chunk(torch.from_numpy(view))
+
+        chunks._broadcast(view, sending=False, then=landed)
     chunks.drain()
-    return memoryview(buffer)
+    return hashing.digest()
 
 
 class Relay:

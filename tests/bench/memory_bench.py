@@ -3,7 +3,7 @@
     python tests/bench/memory_bench.py save MB        rank 0 saving: peak RSS growth during a save
     torchrun --nproc_per_node=2 tests/bench/memory_bench.py resume MB DIR
                                                    rank 1 (a node without the checkpoint) receiving
-                                                   it from rank 0
+                                                   it from rank 0, whose DIR/node0 save() wrote
     python tests/bench/memory_bench.py local MB DIR  the same checkpoint loaded from its own disk
     python tests/bench/memory_bench.py s3save|s3load MB URL
                                                    the same to / from a --ckpt.dir URL (S4)
@@ -46,14 +46,17 @@ def _reset_peak() -> int:
     return _status("VmRSS")
 
 
-def build_state(mb: int, seed: int) -> TrainState:
+def build_state(mb: int, seed: int, stepped: bool = True) -> TrainState:
+    """``stepped``: as after training (AdamW's moments exist); else as a restarted process has it
+    when it resumes - the model built, the optimizer without state yet."""
     torch.manual_seed(seed)
     layers = max(1, round(mb * 1e6 / (3 * 4 * 2048 * 2049)))  # weights + 2 AdamW moments, fp32
     model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(layers)])
     optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
-    model(torch.randn(2, 2048)).sum().backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    if stepped:
+        model(torch.randn(2, 2048)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     return TrainState(model, optimizer, scheduler, GlobalSampler(100, 0))
 
@@ -72,9 +75,28 @@ def save(mb: int, root: Path, m: CheckpointManager | None = None, kind: str = "s
         print(json.dumps({"kind": kind, "save": step, "state_bytes": state.nbytes(), "growth": growth}))
 
 
-def _one_cpu(index: int) -> None:
+def _bytes_of(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*.safetensors"))
+
+
+def _warm(nbytes: int) -> None:
+    """Touch and free ``nbytes``: in a VM, memory the guest has not used lately costs a host
+    fault per 4 KiB page on first touch (~3 us here, 1.5 s per GB; not so on bare metal), and
+    freed memory goes back to the host within seconds. Whichever process of M3 happened to get
+    such pages would look slow, so each touches what it is about to need right before it is
+    timed. (The guest's own first-touch faults, which bare metal pays too, still count.)"""
+    import numpy as np
+
+    np.ones(nbytes, dtype=np.uint8)
+
+
+def _side(index: int) -> None:
+    """Keep this process to the cores of "machine" ``index``: BENCH_CORES_PER_SIDE of them (1 here,
+    where there are 2 in all; on a bigger machine more, so that a sender's read and its sending,
+    which one core must do one after the other, can overlap)."""
+    cores = int(os.environ.get("BENCH_CORES_PER_SIDE", "1"))
     cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+    os.sched_setaffinity(0, {cpus[(index * cores + i) % len(cpus)] for i in range(cores)})
 
 
 def resume(mb: int, root: Path) -> None:
@@ -84,29 +106,49 @@ def resume(mb: int, root: Path) -> None:
     from train.resume import resume as resume_state
 
     env = distributed.setup("gloo", 120)
-    # Two "nodes" on this machine: rank 0's run dir is not rank 1's (no shared filesystem), and
-    # each has a CPU of its own (the sender's reading and sending must not slow the receiver).
+    # Two "nodes" on this machine: rank 0's run dir (where save() wrote) is not rank 1's (no shared
+    # filesystem), and each has cores of its own (the sender's reading and sending must not slow
+    # the receiver).
     env = dataclasses.replace(env, node=env.rank)
-    _one_cpu(env.rank)
+    _side(env.rank)
     try:
-        # Rank 0 saves into its own dir; rank 1 (another "node", its dir empty) receives it.
         own = root / f"node{env.rank}"
-        state = build_state(mb, env.rank)
-        files = state.snapshot(env.device, env.rank == 0)  # collective
-        if files is not None:
-            manager(own).save(1, files(), {"fingerprint": "bench"})
+        fresh = build_state(mb, 100 + env.rank, stepped=False)
+        _warm(_bytes_of(own.parent / "node0"))  # twice a checkpoint: it holds two
         torch.distributed.barrier()
-        fresh = build_state(mb, 100 + env.rank)
         base, t0 = _reset_peak(), time.perf_counter()
         resume_state(manager(own), fresh, env, "bench", reads=env.rank == 0, shared=False)
         received = time.perf_counter() - t0
         growth = _status("VmHWM") - base
-        torch.distributed.barrier()
+        wire = _wire(_bytes_of(own.parent / "node0") // 2)
         if env.rank == 1:
-            row = {"kind": "resume", "state_bytes": fresh.nbytes(), "growth": growth, "received_s": received}
+            row = {"kind": "resume", "growth": growth, "received_s": received, "wire_s": wire}
             print(json.dumps(row), flush=True)
     finally:
         distributed.teardown()
+
+
+def _wire(nbytes: int) -> float:
+    """The medium alone: ``nbytes`` broadcast from rank 0 to rank 1 as train/stream.py cuts them
+    (its chunks, its window), from and into warm memory - no disk, no checksum, no decoding."""
+    import numpy as np
+
+    from train import stream
+
+    ring = [np.ones(stream.CHUNK, dtype=np.uint8) for _ in range(stream.RING)]
+    flying = []
+    torch.distributed.barrier()
+    t0 = time.perf_counter()
+    for index, start in enumerate(range(0, nbytes, stream.CHUNK)):
+        chunk = torch.from_numpy(ring[index % len(ring)][: min(stream.CHUNK, nbytes - start)])
+        flying.append(torch.distributed.broadcast(chunk, 0, async_op=True))
+        while len(flying) > stream.WINDOW:
+            flying.pop(0).wait()
+    for work in flying:
+        work.wait()
+    took = time.perf_counter() - t0
+    torch.distributed.barrier()
+    return took
 
 
 def local(mb: int, root: Path) -> None:
@@ -115,8 +157,9 @@ def local(mb: int, root: Path) -> None:
     from train.dist import DistEnv
     from train.resume import resume as resume_state
 
-    _one_cpu(1)  # the receiver's CPU: both sides of M3 get one
-    fresh = build_state(mb, 200)
+    _side(1)  # the receiver's cores: both sides of M3 get the same
+    fresh = build_state(mb, 200, stepped=False)
+    _warm(_bytes_of(root / "node0"))
     cpu = torch.device("cpu")
     base, t0 = _reset_peak(), time.perf_counter()
     resume_state(manager(root / "node0"), fresh, DistEnv(0, 1, 0, cpu, None, 0), "bench", reads=True)
@@ -180,21 +223,27 @@ def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:
         return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
     saves = rows([sys.executable], "save", work / "save")
-    # In a VM, memory the guest has never used costs a host fault per page on first touch (~3 us
-    # per 4 KiB page here, 1.5 s per GB; not so on bare metal), and whichever side of M3 happens to
-    # get such pages looks slow. Touch and free plenty of it once, so that neither side pays.
-    warm = f"import numpy as np; np.ones({16 * mb} << 20, np.uint8)"
-    subprocess.run([sys.executable, "-c", warm], timeout=timeout, check=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     measured = []
     for r in range(rounds):
         where = work / f"resume{r}"
+        saved = rows([sys.executable], "save", where / "node0")  # node 0's copy: steps 1 and 2
         (received,) = rows(torchrun, "resume", where)
+        received["state_bytes"] = saved[-1]["state_bytes"]
         (loaded,) = rows([sys.executable], "local", where)
-        measured.append({**received, **loaded, "ratio": received["received_s"] / loaded["local_s"]})
+        measured.append(
+            {
+                **received,
+                **loaded,
+                "ratio": received["received_s"] / loaded["local_s"],
+                "wire_ratio": received["wire_s"] / loaded["local_s"],
+                "over_wire": received["received_s"] / received["wire_s"],
+            }
+        )
         shutil.rmtree(where, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     median = {
-        k: statistics.median(m[k] for m in measured) for k in ("growth", "received_s", "local_s", "ratio")
+        k: statistics.median(m[k] for m in measured)
+        for k in ("growth", "received_s", "local_s", "ratio", "wire_s", "wire_ratio", "over_wire")
     }
     return {"save": saves, "resume": {**measured[0], **median}, "rounds": measured}

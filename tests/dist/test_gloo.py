@@ -479,8 +479,11 @@ def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
     writes = nodes.writes
     _manager(own).save(state.step, state.snapshot(env.device, writes)(), {"fingerprint": FINGERPRINT})
     fresh = _tiny_state(seed=500 + env.rank)
+    memory = [t.data_ptr() for t in fresh.model.state_dict().values()]
     resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=writes, shared=nodes.shared)
     return {
+        "in_place": memory == [t.data_ptr() for t in fresh.model.state_dict().values()],
+        "optim": _to_bytes(fresh.optimizer.state_dict()),
         "writes": writes,
         "shared_writes": layout(Path(shared_dir), env).writes,
         "resumed": resumed,
@@ -501,6 +504,11 @@ def test_the_newest_checkpoint_on_any_node_is_the_one_every_rank_loads(tmp_path)
         # (run dirs not shared), so node 1 sends step 5 to node 0's rank, and to it alone.
         assert r["resumed"]["received_by"] == [0]
     assert r0["weights"] == r1["weights"]
+    assert r0["in_place"]  # the receiver decoded the weights straight into its model's tensors
+    o0, o1 = (torch.load(io.BytesIO(r["optim"]), weights_only=True) for r in (r0, r1))
+    assert o0["state"].keys() == o1["state"].keys() and o0["state"]
+    for pid, per_param in o1["state"].items():
+        assert all(torch.equal(v, o0["state"][pid][k]) for k, v in per_param.items()), pid
     saved = safetensors.torch.load_file(
         str(Path(run_dirs[1]) / "checkpoints" / "step_00000005" / "model.safetensors")
     )

@@ -39,14 +39,22 @@ def _stream_worker(env, root: str, truncate: bool) -> dict:
             problem = str(p)
         finally:
             relay.finish(read)
-        return {"sha": {f: hashlib.sha256(b).hexdigest() for f, b in blobs.items()}, "problem": problem}
-    got, landed = {}, []
+        sha = {f: hashlib.sha256(b).hexdigest() for f, b in blobs.items()}
+        return {"sha": sha, "xxh3": {f: e["xxh3_64"] for f, e in entries.items()}, "problem": problem}
+    got, digests, landed = {}, {}, []
     for f, n in FILES.items():
-        data = stream.receive(n, env.device, 0, group, lambda piece: landed.append(len(piece)))
-        got[f] = hashlib.sha256(data).hexdigest()
+        hasher = hashlib.sha256()
+
+        def on_chunk(piece, hasher=hasher) -> None:
+            landed.append(piece.numel())
+            hasher.update(piece.numpy())
+
+        digests[f] = stream.receive(n, env.device, 0, group, on_chunk)
+        got[f] = hasher.hexdigest()
     dist.destroy_process_group(group)
     return {
         "sha": got,
+        "xxh3": digests,
         "landed": landed,
         "zeros": {f: hashlib.sha256(bytes(n)).hexdigest() for f, n in FILES.items()},
     }
@@ -56,6 +64,7 @@ def test_files_stream_whole_and_in_order_while_they_are_read(tmp_path: Path) -> 
     (sent, _), (received, _) = run_group(_stream_worker, str(tmp_path), False)
     assert sent["problem"] == ""
     assert received["sha"] == sent["sha"]
+    assert received["xxh3"] == sent["xxh3"]  # what the receiver checksummed on its thread
     assert sum(received["landed"]) == sum(FILES.values())
     assert max(received["landed"]) == stream.CHUNK  # in chunks, never a whole file at once
 
@@ -110,29 +119,35 @@ def test_a_corrupt_newest_copy_makes_every_rank_fall_back_together(tmp_path: Pat
     assert any("step_00000005 is not usable" in line and "checksum mismatch" in line for line in log0 + log1)
 
 
+def _one_node_saves(env, run_dirs: list[str], steps: int, saver: int):
+    """Each rank a node with a run dir of its own; rank ``saver``'s node trains and saves ``steps``."""
+    from train.replicas import layout
+
+    own = Path(run_dirs[env.rank])
+    state = _tiny_state(seed=10 + env.rank)
+    _train_a_little(state, steps=steps)
+    files = state.snapshot(env.device, env.rank == saver)  # collective
+    if files is not None:
+        _manager(own).save(steps, files(), {"fingerprint": FINGERPRINT})
+    return own, layout(own, env)
+
+
 def _transfer_fault_worker(env, run_dirs: list[str], corrupt_times: int) -> dict:
     from train import stream as stream_mod
-    from train.replicas import layout
     from train.resume import resume
 
-    state = _tiny_state(seed=10 + env.rank)
-    own = Path(run_dirs[env.rank])
-    nodes = layout(own, env)
-    _train_a_little(state, steps=3)
-    files = state.snapshot(env.device, env.rank == 0)
-    if env.rank == 0:
-        _manager(own).save(3, files(), {"fingerprint": FINGERPRINT})
-    else:
+    own, nodes = _one_node_saves(env, run_dirs, steps=3, saver=0)
+    if env.rank == 1:
         # Stands in for a fault on the wire or in this node's memory: the first file received
-        # arrives with a flipped byte, ``corrupt_times`` times.
+        # arrives with a checksum that does not match, ``corrupt_times`` times.
         real, left = stream_mod.receive, [corrupt_times]
 
         def faulty(*args, **kwargs):
-            data = real(*args, **kwargs)
-            if left[0] > 0 and len(data) > 0:
+            digest = real(*args, **kwargs)
+            if left[0] > 0:
                 left[0] -= 1
-                data[0] ^= 0xFF
-            return data
+                return "0" * 16
+            return digest
 
         stream_mod.receive = faulty
     dist.barrier()
@@ -154,3 +169,32 @@ def test_a_copy_corrupted_in_transit_is_sent_again_not_dropped(tmp_path: Path) -
     # Corrupt every time: the attempt ends on every rank (a restart), it never falls back to step 1.
     (e0, _), (e1, _) = run_group(_transfer_fault_worker, [str(tmp_path / "a"), str(tmp_path / "b")], 9, extra_env=nodes)
     assert "arrived corrupt twice" in e0["error"] and "arrived corrupt twice" in e1["error"]
+
+
+def _failed_only_copy_worker(env, run_dirs: list[str]) -> dict:
+    from train.resume import resume
+
+    # Node 1 holds the only checkpoint, and it is corrupt; node 0 holds none, so its rank
+    # receives the copy straight into its model while node 1 reads (and then rejects) it.
+    own, nodes = _one_node_saves(env, run_dirs, steps=2, saver=1)
+    if env.rank == 1:
+        model = own / "checkpoints" / "step_00000002" / "model.safetensors"
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+    dist.barrier()
+    fresh = _tiny_state(seed=500 + env.rank)
+    init = safetensors.torch.save(fresh.model.state_dict())
+    resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
+    return {"resumed": resumed, "init": init, "weights": safetensors.torch.save(fresh.model.state_dict())}
+
+
+def test_a_rank_that_received_a_copy_that_failed_starts_from_clean_weights(tmp_path: Path) -> None:
+    run_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
+    (r0, log0), (r1, _) = run_group(_failed_only_copy_worker, run_dirs, extra_env=nodes)
+    assert r0["resumed"] is None and r1["resumed"] is None  # step 1: no valid checkpoint anywhere
+    # Rank 0's model held part of the rejected copy: it starts from the weights of rank 1, which
+    # never received (in a job every rank starts from the same ones), not from that part.
+    assert r0["weights"] == r1["weights"] == r1["init"] != r0["init"]
+    assert any("step_00000002 is not usable" in line for line in log0)

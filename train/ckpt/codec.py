@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -130,13 +131,13 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
-def _header(data: bytearray | memoryview) -> tuple[dict, dict, int]:
+def _header(data: bytes | bytearray | memoryview, size: int) -> tuple[dict, dict, int]:
     """(tensor entries, metadata, where the data section starts); ValueError unless well-formed."""
-    if len(data) < 8:
-        raise ValueError(f"{len(data)} bytes: too short for a safetensors header")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > min(len(data) - 8, _MAX_HEADER):
-        raise ValueError(f"header length {header_len} does not fit in {len(data)} bytes")
+    if len(data) < 8 or size < 8:
+        raise ValueError(f"{min(len(data), size)} bytes: too short for a safetensors header")
+    header_len = header_length(data[:8], size)
+    if len(data) < 8 + header_len:
+        raise ValueError(f"{len(data)} bytes: the header needs {8 + header_len}")
     try:
         header = json.loads(bytes(data[8 : 8 + header_len]))
     except (ValueError, RecursionError):
@@ -149,6 +150,15 @@ def _header(data: bytearray | memoryview) -> tuple[dict, dict, int]:
     return header, metadata, 8 + header_len
 
 
+def header_length(first8: bytes | bytearray | memoryview, size: int) -> int:
+    """The JSON header's length, from a file's first 8 bytes; ValueError if a file of ``size``
+    bytes cannot hold it."""
+    header_len = int.from_bytes(first8, "little")
+    if header_len > min(size - 8, _MAX_HEADER):
+        raise ValueError(f"header length {header_len} does not fit in {size} bytes")
+    return header_len
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -157,11 +167,25 @@ def _is_dim(x: object) -> bool:
     return _is_int(x) and 0 <= x < 1 << 63
 
 
-def _tensors_over(data: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a safetensors blob as views of ``data``: no copy (it must be writable,
-    since optimizer state loaded this way is updated in place). As strict as safetensors itself:
-    the tensors tile the data section exactly, in order, so none overlaps another or reads outside."""
-    header, metadata, base = _header(data)
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    start: int  # offsets in the file (not in the data section)
+    end: int
+
+
+Buffer = bytes | bytearray | memoryview
+
+
+def layout(head: Buffer, size: int | None = None) -> tuple[list[Entry], dict[str, str]]:
+    """Where each tensor of a safetensors file lies, from the file's first bytes (at least its
+    header; ``size``: the whole file's, default len(head)), in file order, and the header's
+    metadata. As strict as safetensors itself: the tensors tile the data section exactly, in
+    order, so none overlaps another or reads outside the file."""
+    size = len(head) if size is None else size
+    header, metadata, base = _header(head, size)
     entries = []
     for name, info in header.items():
         if not isinstance(info, dict):
@@ -176,27 +200,42 @@ def _tensors_over(data: bytearray | memoryview) -> tuple[dict[str, torch.Tensor]
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
             raise ValueError(f"tensor {name[:60]!r}: data_offsets is not [start, end]")
         entries.append((offsets[0], offsets[1], name, dtype, shape))
-    at, size = 0, len(data) - base
-    for start, end, name, dtype, shape in sorted(entries, key=lambda e: e[:2]):
-        if start != at or end < start or end > size:
+    entries.sort(key=lambda e: e[:2])
+    at, data_size = 0, size - base
+    for start, end, name, dtype, shape in entries:
+        if start != at or end < start or end > data_size:
             raise ValueError(f"tensor {name[:60]!r}: data_offsets [{start}, {end}] out of order or range")
         if math.prod(shape) * dtype.itemsize != end - start:
             raise ValueError(
                 f"tensor {name[:60]!r}: shape {str(shape)[:60]} does not take {end - start} bytes"
             )
         at = end
-    if at != size:
-        raise ValueError(f"tensors cover {at} of the {size} bytes of data")
+    if at != data_size:
+        raise ValueError(f"tensors cover {at} of the {data_size} bytes of data")
+    return [Entry(name, dtype, shape, base + a, base + b) for a, b, name, dtype, shape in entries], metadata
+
+
+def _tensors_over(data: bytearray | memoryview) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a safetensors blob as views of ``data``: no copy (it must be writable,
+    since optimizer state loaded this way is updated in place)."""
+    entries, metadata = layout(data)
     tensors = {}
-    for start, end, name, dtype, shape in entries:
-        count = (end - start) // dtype.itemsize
+    for e in entries:
+        count = (e.end - e.start) // e.dtype.itemsize
         flat = (
-            torch.frombuffer(data, dtype=dtype, count=count, offset=base + start)
+            torch.frombuffer(data, dtype=e.dtype, count=count, offset=e.start)
             if count
-            else torch.empty(0, dtype=dtype)
+            else torch.empty(0, dtype=e.dtype)
         )
-        tensors[name] = flat.view(shape)
+        tensors[e.name] = flat.view(e.shape)
     return tensors, metadata
+
+
+def assemble(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Any:
+    """What a safetensors file's tensors and metadata stand for: the object it was encoded from."""
+    if SKELETON not in metadata:
+        return tensors
+    return _unflatten(json.loads(metadata[SKELETON]), tensors)
 
 
 def deserialize(file: str, data: bytes | bytearray | memoryview) -> Any:
@@ -205,7 +244,4 @@ def deserialize(file: str, data: bytes | bytearray | memoryview) -> Any:
         return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     if isinstance(data, bytes):  # immutable: tensors over it could not be updated in place
         data = bytearray(data)
-    tensors, metadata = _tensors_over(data)
-    if SKELETON not in metadata:
-        return tensors
-    return _unflatten(json.loads(metadata[SKELETON]), tensors)
+    return assemble(*_tensors_over(data))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,17 +45,23 @@ class BackgroundChecksum:
         self._pool: ThreadPoolExecutor | None = None  # started by the first piece
         self.fed = 0
 
-    def feed(self, chunk: memoryview) -> None:
+    def feed(self, chunk: memoryview) -> Future:
+        """Done once ``chunk`` is hashed (until then, its memory must not change)."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckpt-checksum")  # in order
         self.fed += len(chunk)
-        self._pool.submit(self._hasher.update, chunk)
+        return self._pool.submit(self._hasher.update, chunk)
+
+    def digest(self) -> str:
+        """The checksum of every piece fed."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        return self._hasher.hexdigest()
 
     def digest_of(self, data: bytes | memoryview) -> str:
         """The checksum of ``data``: from the pieces fed, if they were all of it."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-        return self._hasher.hexdigest() if self.fed == len(data) else checksum(data)
+        digest = self.digest()
+        return digest if self.fed == len(data) else checksum(data)
 
 
 def entry(data: bytes | memoryview | Pieces) -> dict[str, Any]:

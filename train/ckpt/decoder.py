@@ -1,0 +1,121 @@
+"""A checkpoint file deserialised while its bytes arrive, so that it never exists whole in memory.
+
+Fed a safetensors file in order, piece by piece (from the network, say), a ``Decoder`` parses the
+header as soon as it is complete and then copies each tensor's bytes straight to where the tensor
+will live: into the caller's own tensor of that name, dtype and shape (the model's parameters,
+which a restore overwrites anyway; on any device), or else into one fresh host block that holds
+the rest. Memory: the header and that block, never a second copy of the file.
+
+Bytes land before anything can check them: the file's checksum is known only once the last piece
+has arrived. A caller that gives targets must be ready to overwrite them again if the file then
+fails to verify. A malformed file never raises from ``feed`` (the sender goes on sending, and the
+caller's pieces must keep arriving); ``result`` raises ValueError with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from train.ckpt.codec import Entry, assemble, deserialize, header_length, layout
+
+_ALIGN = 64  # each fresh tensor starts on a cache line, whatever its offset in the file
+
+
+class Decoder:
+    def __init__(self, file: str, size: int, targets: Mapping[str, torch.Tensor] | None = None):
+        self.file, self.size = file, size
+        self._targets = targets or {}
+        self._whole = None if file.endswith(".safetensors") else np.empty(size, np.uint8)
+        self._head = bytearray()
+        self._fed = 0
+        self._places: list[tuple[int, int, torch.Tensor]] | None = None  # (start, end, bytes) in file order
+        self._next = 0
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._metadata: dict[str, str] = {}
+        self._error = ""
+
+    def feed(self, piece: torch.Tensor) -> None:
+        """The file's next bytes (a 1-D uint8 tensor on any device; not kept after the call)."""
+        at = self._fed
+        self._fed += piece.numel()
+        if self._error or self._fed > self.size:
+            self._error = self._error or f"more than the {self.size} bytes announced"
+            return
+        if self._whole is not None:  # not safetensors (a .pt file): kept whole, decoded at the end
+            self._whole[at : self._fed] = piece.cpu().numpy()
+            return
+        try:
+            if self._places is None:
+                used = self._take_header(piece)
+                piece, at = piece[used:], at + used
+            if self._places is not None:
+                self._place(piece, at)
+        except ValueError as e:
+            self._error = str(e)
+
+    def result(self) -> Any:
+        """The file's object (its tensors are the targets it used, and views of the fresh block)."""
+        if not self._error and self._fed != self.size:
+            self._error = f"{self._fed} of {self.size} bytes arrived"
+        if self._error:
+            raise ValueError(self._error)
+        if self._whole is not None:
+            return deserialize(self.file, self._whole)
+        if self._places is None:
+            raise ValueError("the header never completed")
+        return assemble(self._tensors, self._metadata)
+
+    def _take_header(self, piece: torch.Tensor) -> int:
+        """Bytes of ``piece`` that belong to the header; sets up the places once it is complete."""
+        head, used = self._head, 0
+        while self._places is None and used < piece.numel():
+            want = 8 + (header_length(head[:8], self.size) if len(head) >= 8 else 0)
+            take = min(want - len(head), piece.numel() - used)
+            head += piece[used : used + take].cpu().numpy().tobytes()
+            used += take
+            if len(head) >= 8 and len(head) == 8 + header_length(head[:8], self.size):
+                entries, self._metadata = layout(head, self.size)
+                self._prepare(entries)
+        return used
+
+    def _prepare(self, entries: list[Entry]) -> None:
+        def fits(target: torch.Tensor | None, e: Entry) -> bool:
+            return (
+                target is not None
+                and target.dtype == e.dtype
+                and list(target.shape) == e.shape
+                and target.is_contiguous()
+            )
+
+        fresh = [e for e in entries if not fits(self._targets.get(e.name), e)]
+        block = np.empty(sum(-(-(e.end - e.start) // _ALIGN) * _ALIGN for e in fresh), np.uint8)
+        at, places = 0, []
+        for e in entries:
+            nbytes, count = e.end - e.start, (e.end - e.start) // e.dtype.itemsize
+            target = self._targets.get(e.name)
+            if fits(target, e):
+                tensor = target
+            elif count:
+                tensor = torch.frombuffer(block, dtype=e.dtype, count=count, offset=at).view(e.shape)
+                at += -(-nbytes // _ALIGN) * _ALIGN
+            else:
+                tensor = torch.empty(e.shape, dtype=e.dtype)
+            self._tensors[e.name] = tensor
+            if nbytes:
+                places.append((e.start, e.end, tensor.view(-1).view(torch.uint8)))
+        self._places = places
+
+    def _place(self, piece: torch.Tensor, at: int) -> None:
+        end, places = at + piece.numel(), self._places
+        while self._next < len(places) and places[self._next][0] < end:
+            start, stop, into = places[self._next]
+            a, b = max(start, at), min(stop, end)
+            if a < b:
+                into[a - start : b - start].copy_(piece[a - at : b - at])
+            if stop > end:
+                break
+            self._next += 1
