@@ -27,7 +27,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from train import comm, records, stream
+from train import comm, records, snapshot, stream
 from train.ckpt.decoder import Decoder
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.manifest import Problem
@@ -124,7 +124,7 @@ def _check(state: TrainState, entries: dict, objects: Objects) -> None:
     if set(objects) != set(entries):
         raise Problem("it does not hold the files its manifest lists")
     try:
-        state.check(objects)
+        snapshot.check(state, objects)
     except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
         raise Problem(f"its contents do not fit this job ({e})") from None
 
@@ -295,7 +295,7 @@ def resume(
             chosen["step"],
             receivers,
         )
-    state.load(objects, env.rank, env.world_size, env.device)
+    snapshot.restore(state, objects, env.rank, env.world_size, env.device)
     lost = max(max(r["last_logged"] for r in reports) - chosen["step"], 0)
     log.info(
         "resumed from step %d (%s); %d completed step(s) lost, next step %d",

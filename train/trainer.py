@@ -29,6 +29,7 @@ from train.private import Untrusted, private_dir
 from train.resume import resume
 from train.sampler import BatchPlan, GlobalSampler, plan_batches
 from train.saving import SavePolicy
+from train.snapshot import Snapshots
 from train.state import CKPT_FILES, TrainState
 from train.task import Task, collate, load_task
 from train.watchdog import Watchdog
@@ -192,6 +193,7 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
     scaler = torch.amp.GradScaler(env.device.type) if cfg.precision == "fp16" else None
     sampler = GlobalSampler(len(task.train_data), cfg.seed)
     state = TrainState(task.model, optimizer, scheduler, sampler, scaler)
+    snapshots = Snapshots(state)  # one set of staging buffers for both tiers
 
     storage = open_storage(config.ckpt_dir(cfg))
     manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
@@ -257,14 +259,14 @@ def train(cfg: config.Config, env: distributed.DistEnv) -> int:
             t0 = time.perf_counter()
             if last or policy.local_busy:
                 policy.settle()  # the previous save first: one in flight at most
-            writer.save(state.step, lambda: state.snapshot(env.device, writes), meta, precheck=check_space)
+            writer.save(state.step, lambda: snapshots.take(env.device, writes), meta, precheck=check_space)
             if blocking:
                 policy.settle(final=last)
             stall = time.perf_counter() - t0 if blocking else writer.stall_s
             metrics.event("checkpoint", step=state.step, stall_s=stall)
 
         def save_local() -> None:
-            snapshot = lambda: state.snapshot(env.device, tier.writing)  # noqa: E731
+            snapshot = lambda: snapshots.take(env.device, tier.writing)  # noqa: E731
             precheck = lambda: tier.before_save(state.nbytes())  # noqa: E731
             writer.save(state.step, snapshot, meta, precheck=precheck, manager=tier.manager)
             if not cfg.ckpt.async_save:

@@ -49,12 +49,13 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
 
 from train import config  # noqa: E402
-from train.ckpt.manager import CheckpointManager  # noqa: E402
+from train.ckpt.manager import CheckpointManager, decode  # noqa: E402
 from train.ckpt.storage import LocalStorage, fsync_path  # noqa: E402
 from train.ckpt.writer import CheckpointWriter  # noqa: E402
 from train.lm import lm_loss  # noqa: E402
 from train.model import GPT  # noqa: E402
 from train.sampler import GlobalSampler  # noqa: E402
+from train.snapshot import Snapshots, restore  # noqa: E402
 from train.state import TrainState  # noqa: E402
 from train.trainer import build_optimizer, lr_schedule  # noqa: E402
 
@@ -158,7 +159,7 @@ def fresh_sample(mb: float, root: Path, what: str) -> float:
     def load() -> None:
         loaded = CheckpointManager(storage, keep=2).load_latest()
         assert loaded is not None
-        state.restore(loaded.blobs, 0, 1)
+        restore(state, decode(loaded.blobs), 0, 1)
 
     return timed(load)
 
@@ -197,6 +198,7 @@ def main() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
     cfg, state = build_state(args.mb)
+    snapshots = Snapshots(state)  # staging buffers reused from save to save, as in a job
     tensors = state_tensors(state)
     tensor_bytes = sum(t.numel() * t.element_size() for t in tensors)
     meta = {"world_size": 1, "fingerprint": "bench", "config": config.to_dict(cfg)}
@@ -226,7 +228,7 @@ def main() -> None:
         row = {"memcpy": min(timed(memcpy) for _ in range(3)), "compute": timed(compute)}
         for name, w in writers.items():
             overlap = compute if name == "ours_async" else None
-            row[name], compute_s = save_stall(w, step, lambda: state.snapshot(CPU, True), meta, overlap)
+            row[name], compute_s = save_stall(w, step, lambda: snapshots.take(CPU, True), meta, overlap)
             if overlap is not None:
                 row["compute_during_save"] = compute_s
             w.wait()
@@ -265,7 +267,7 @@ def main() -> None:
     def load() -> None:
         loaded = CheckpointManager(storage, keep=2).load_latest()
         assert loaded is not None and loaded.name == ckpt_dir.name
-        state.restore(loaded.blobs, 0, 1)
+        restore(state, decode(loaded.blobs), 0, 1)
 
     def read() -> None:
         for f in files:

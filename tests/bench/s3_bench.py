@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from ckpt_bench import build_state, save_stall, state_tensors, timed
 
-from train.ckpt.manager import CheckpointManager
+from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.objstore import FsspecStorage
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
 from train.lm import lm_loss
+from train.snapshot import Snapshots, restore
 from train.state import CKPT_FILES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,6 +63,7 @@ def _memcpy(tensors: list) -> float:
 
 def bench_s3(mb: int, rounds: int, work: Path) -> dict:
     _, state = build_state(mb)
+    snapshots = Snapshots(state)  # staging buffers reused from save to save, as in a job
     nbytes = state.nbytes()
     tokens = torch.randint(0, 256, (1, 65), generator=torch.Generator().manual_seed(0))
 
@@ -81,17 +83,17 @@ def bench_s3(mb: int, rounds: int, work: Path) -> dict:
             saves, loads, stalls = [], [], []
             for r in range(rounds + 1):  # the first: a warm-up
                 step = 10 * (r + 1)
-                files = state.snapshot(CPU, True)()  # type: ignore[misc]
+                files = snapshots.take(CPU, True)()  # type: ignore[misc]
                 t0 = time.perf_counter()
                 manager.save(step, files, {})
                 saves.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 loaded = manager.load_latest()
-                state.restore(loaded.blobs, 0, 1)
+                restore(state, decode(loaded.blobs), 0, 1)
                 loads.append(time.perf_counter() - t0)
                 del loaded
                 writer = CheckpointWriter(manager, background=True)
-                stall, _ = save_stall(writer, step + 5, lambda: state.snapshot(CPU, True), {}, compute)
+                stall, _ = save_stall(writer, step + 5, lambda: snapshots.take(CPU, True), {}, compute)
                 writer.close(600)
                 stalls.append(stall)
             out[tier] = {"save_s": saves[1:], "load_s": loads[1:], "stall_s": stalls[1:]}

@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from train.ckpt.manifest import deserialize
+from train.snapshot import Snapshots
 
 try:
     import numpy as np
@@ -326,7 +327,7 @@ def _manager(run_dir: str):
 
 
 def _save_on_rank0(env, state, run_dir: str) -> None:
-    files = state.snapshot(env.device, env.rank == 0)  # collective
+    files = Snapshots(state).take(env.device, env.rank == 0)  # collective
     if env.rank == 0:
         assert files is not None
         _manager(run_dir).save(state.step, files(), {"fingerprint": FINGERPRINT, "world_size": WORLD})
@@ -477,7 +478,7 @@ def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
     own = Path(run_dirs[env.rank])
     nodes = layout(own, env)
     writes = nodes.writes
-    _manager(own).save(state.step, state.snapshot(env.device, writes)(), {"fingerprint": FINGERPRINT})
+    _manager(own).save(state.step, Snapshots(state).take(env.device, writes)(), {"fingerprint": FINGERPRINT})
     fresh = _tiny_state(seed=500 + env.rank)
     memory = [t.data_ptr() for t in fresh.model.state_dict().values()]
     resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=writes, shared=nodes.shared)

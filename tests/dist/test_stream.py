@@ -14,6 +14,7 @@ from test_gloo import FINGERPRINT, _manager, _tiny_state, _train_a_little, run_g
 
 from train import stream
 from train.ckpt import manifest as mf
+from train.snapshot import Snapshots
 
 FILES = {"a.bin": 2 * stream.CHUNK + 12345, "b.bin": 5, "empty.bin": 0, "c.bin": stream.CHUNK}
 
@@ -86,16 +87,16 @@ def _fallback_worker(env, run_dirs: list[str]) -> dict:
     own = Path(run_dirs[env.rank])
     nodes = layout(own, env)
     _train_a_little(state, steps=3)
-    _manager(own).save(3, state.snapshot(env.device, True)(), {"fingerprint": FINGERPRINT})
+    _manager(own).save(3, Snapshots(state).take(env.device, True)(), {"fingerprint": FINGERPRINT})
     if env.rank == 1:
         _train_a_little(state, steps=2)
-        _manager(own).save(5, state.snapshot(env.device, True)(), {"fingerprint": FINGERPRINT})
+        _manager(own).save(5, Snapshots(state).take(env.device, True)(), {"fingerprint": FINGERPRINT})
         model = own / "checkpoints" / "step_00000005" / "model.safetensors"
         data = bytearray(model.read_bytes())
         data[-1] ^= 0xFF
         model.write_bytes(bytes(data))
     else:
-        state.snapshot(env.device, True)  # the snapshot is collective
+        Snapshots(state).take(env.device, True)  # the snapshot is collective
     dist.barrier()
     fresh = _tiny_state(seed=500 + env.rank)
     resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
@@ -126,7 +127,7 @@ def _one_node_saves(env, run_dirs: list[str], steps: int, saver: int):
     own = Path(run_dirs[env.rank])
     state = _tiny_state(seed=10 + env.rank)
     _train_a_little(state, steps=steps)
-    files = state.snapshot(env.device, env.rank == saver)  # collective
+    files = Snapshots(state).take(env.device, env.rank == saver)  # collective
     if files is not None:
         _manager(own).save(steps, files(), {"fingerprint": FINGERPRINT})
     return own, layout(own, env)

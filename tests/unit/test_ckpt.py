@@ -17,10 +17,11 @@ from torch import nn
 from train import rng
 from train.ckpt import manifest as mf
 from train.ckpt import storage as storage_mod
-from train.ckpt.manager import CheckpointManager
+from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage
 from train.errors import IncompatibleCheckpointError
 from train.sampler import GlobalSampler
+from train.snapshot import Snapshots, restore
 from train.state import MODEL_FILE, OPTIM_FILE, TRAIN_FILE, TrainState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,7 +122,7 @@ CORRUPTIONS = {
 
 @pytest.fixture
 def keep_rng():
-    """TrainState.restore() sets the global RNGs; put them back so tests stay independent."""
+    """snapshot.restore() sets the global RNGs; put them back so tests stay independent."""
     state = rng.capture()
     yield
     rng.restore(state)
@@ -656,7 +657,7 @@ def train_one_step(state: TrainState) -> None:
 
 def save_train_state(root: Path, state: TrainState) -> CheckpointManager:
     m = manager(root)
-    copy_out = state.snapshot(torch.device("cpu"), True)
+    copy_out = Snapshots(state).take(torch.device("cpu"), True)
     assert copy_out is not None
     files = copy_out()
     assert set(files) == {MODEL_FILE, OPTIM_FILE, TRAIN_FILE}
@@ -673,7 +674,7 @@ def test_train_state_round_trip(tmp_path, keep_rng):
     resumed = make_train_state(4)
     loaded = m.load_latest()
     assert loaded.step == 3
-    resumed.restore(loaded.blobs, rank=0, world_size=1)
+    restore(resumed, decode(loaded.blobs), rank=0, world_size=1)
     assert resumed.step == 3
     assert resumed.sampler.cursor == saved.sampler.cursor == 24
     assert_same(resumed.model.state_dict(), saved.model.state_dict())
@@ -689,7 +690,7 @@ def test_checkpoint_of_another_model_shape_is_incompatible(tmp_path, keep_rng):
 
     other = make_train_state(5)
     with pytest.raises(IncompatibleCheckpointError) as info:
-        other.restore(m.load_latest().blobs, rank=0, world_size=1)
+        restore(other, decode(m.load_latest().blobs), rank=0, world_size=1)
     message = str(info.value)
     assert "\n" not in message
     assert "do not fit this model" in message
@@ -705,7 +706,7 @@ def test_checkpoint_with_other_parameter_names_is_incompatible(tmp_path, keep_rn
     other = make_train_state(4)
     other.model = nn.Sequential(nn.Linear(4, 3))  # same shapes, keys "0.weight"/"0.bias"
     with pytest.raises(IncompatibleCheckpointError):
-        other.restore(m.load_latest().blobs, rank=0, world_size=1)
+        restore(other, decode(m.load_latest().blobs), rank=0, world_size=1)
 
 
 def test_checkpoint_with_another_sampler_seed_is_incompatible(tmp_path, keep_rng):
@@ -713,4 +714,4 @@ def test_checkpoint_with_another_sampler_seed_is_incompatible(tmp_path, keep_rng
     m = save_train_state(tmp_path, saved)
     other = make_train_state(4, seed=2)
     with pytest.raises(IncompatibleCheckpointError, match="--seed"):
-        other.restore(m.load_latest().blobs, rank=0, world_size=1)
+        restore(other, decode(m.load_latest().blobs), rank=0, world_size=1)

@@ -404,3 +404,26 @@ def test_the_checkpoint_package_imports_nothing_of_the_job() -> None:
                 assert not (name == "train" or name.startswith("train.")) or name.startswith("train.ckpt"), (
                     f"{path.name} imports {name}"
                 )
+
+
+def test_the_training_state_knows_nothing_of_ranks_or_staging() -> None:
+    """TrainState is a plain state_dict()/load_state_dict() object; collectives, every rank's RNG
+    and staging buffers are train/snapshot.py's."""
+    import ast
+
+    from train.state import TrainState
+
+    source = (Path(__file__).resolve().parents[2] / "train" / "state.py").read_text()
+    imported = {
+        name
+        for node in ast.walk(ast.parse(source))
+        for name in (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
+    }
+    assert not {"torch.distributed", "train.comm", "train.rng", "train.dist"} & imported, imported
+    assert callable(TrainState.state_dict) and callable(TrainState.load_state_dict)

@@ -12,7 +12,7 @@ from train.ckpt.manager import CheckpointManager
 from train.ckpt.manifest import deserialize
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriteError, CheckpointWriter
-from train.state import Stager
+from train.snapshot import Stager
 
 
 def state(value: float) -> dict:
