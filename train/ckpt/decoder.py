@@ -73,36 +73,37 @@ class Decoder:
         """Bytes of ``piece`` that belong to the header; sets up the places once it is complete."""
         head, used = self._head, 0
         while self._places is None and used < piece.numel():
-            want = 8 + (header_length(head[:8], self.size) if len(head) >= 8 else 0)
+            # 8 bytes of length first, then the JSON header they announce
+            want = 8 if len(head) < 8 else 8 + header_length(head[:8], self.size)
             take = min(want - len(head), piece.numel() - used)
             head += piece[used : used + take].cpu().numpy().tobytes()
             used += take
-            if len(head) >= 8 and len(head) == 8 + header_length(head[:8], self.size):
+            if len(head) == want and (want > 8 or header_length(head, self.size) == 0):
                 entries, self._metadata = layout(head, self.size)
                 self._prepare(entries)
         return used
 
     def _prepare(self, entries: list[Entry]) -> None:
-        def fits(target: torch.Tensor | None, e: Entry) -> bool:
-            return (
+        def target_for(e: Entry) -> torch.Tensor | None:
+            target = self._targets.get(e.name)
+            fits = (
                 target is not None
                 and target.dtype == e.dtype
                 and list(target.shape) == e.shape
                 and target.is_contiguous()
             )
+            return target if fits else None
 
-        fresh = [e for e in entries if not fits(self._targets.get(e.name), e)]
-        block = np.empty(sum(-(-(e.end - e.start) // _ALIGN) * _ALIGN for e in fresh), np.uint8)
-        at, places = 0, []
-        for e in entries:
-            nbytes, count = e.end - e.start, (e.end - e.start) // e.dtype.itemsize
-            target = self._targets.get(e.name)
-            if fits(target, e):
-                tensor = target
-            elif count:
+        targets = [target_for(e) for e in entries]
+        fresh = sum(_aligned(e.end - e.start) for e, t in zip(entries, targets, strict=True) if t is None)
+        block, at, places = np.empty(fresh, np.uint8), 0, []
+        for e, tensor in zip(entries, targets, strict=True):
+            nbytes = e.end - e.start
+            if tensor is None and nbytes:
+                count = nbytes // e.dtype.itemsize
                 tensor = torch.frombuffer(block, dtype=e.dtype, count=count, offset=at).view(e.shape)
-                at += -(-nbytes // _ALIGN) * _ALIGN
-            else:
+                at += _aligned(nbytes)
+            elif tensor is None:
                 tensor = torch.empty(e.shape, dtype=e.dtype)
             self._tensors[e.name] = tensor
             if nbytes:
@@ -119,3 +120,7 @@ class Decoder:
             if stop > end:
                 break
             self._next += 1
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
