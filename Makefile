@@ -29,7 +29,7 @@ run: setup
 	$(VENV)/bin/ftjob --nproc-per-node=$(NPROC) -- $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q tests/unit tests/dist tests/e2e
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests/unit tests/dist tests/e2e
 
 # A real two-node SLURM cluster on loopback (root: installs Debian's Slurm, tests/slurm/cluster.sh).
 test-slurm: setup

@@ -2,7 +2,7 @@
 
 torchrun exits 1 whatever its workers did. Two records say more; the launcher gives each node a
 private directory for them, so nodes never overwrite each other's:
-- the job's own (``$FTJOB_STATUS_FILE``, written by train/failures.py): {"code", "class", "reason",
+- the job's own (``$FTJOB_STATUS_FILE``, written by train/runtime/exits.py): {"code", "class", "reason",
   "secondary", ...}; ``secondary`` means "this rank failed because another did";
 - torchrun's own account, in the launcher's directory: its root-cause record
   (``agent-error.json``, from ``$TORCHELASTIC_ERROR_FILE``) and a copy of its stderr
@@ -23,10 +23,7 @@ import re
 import signal
 from pathlib import Path
 
-EXIT_CRASH = 144  # train/errors.py: unknown, retryable (a unit test keeps the two equal)
-EXIT_PREEMPTED = 143  # saved at a step boundary: requeue to continue
-EXIT_PEER = 145  # another node failed first
-STATUS_ENV = "FTJOB_STATUS_FILE"  # train/failures.py reads the same variable
+from train.errors import EXIT_CRASH, EXIT_PEER
 
 
 def _json(path: str) -> dict | None:

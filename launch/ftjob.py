@@ -39,6 +39,8 @@ if __package__ in (None, ""):  # run as a script (launch/local.sh): make the rep
 
 from launch import command, exit_status, verdict
 from launch.supervise import Supervisor
+from train.errors import EXIT_PREEMPTED
+from train.runtime.env import STATUS_ENV
 
 SHUTDOWN_TIMEOUT_S = 90
 
@@ -49,23 +51,22 @@ def _say(text: str) -> None:
 
 def check_job_options(train_args: list[str]) -> tuple[int, str] | None:
     """(exit code, why) of a job that cannot start (said in one line), None if it may."""
-    from train import config, failures
+    from train import preflight
     from train.errors import ConfigError, PermanentError, StorageError
+    from train.runtime.exits import record_exit
 
     try:
-        cfg = config.parse(train_args)
-        failures.check_run_dir(cfg.run_dir)
-        failures.check_ckpt_dir(cfg)
+        preflight.check(train_args)
     except StorageError as e:  # the store is down: worth a retry by the scheduler, not a rendezvous
         print(f"error: {e} [exit {e.exit_code}: retryable]", file=sys.stderr)
-        failures.record_exit(cfg.run_dir, e.exit_code, str(e))
+        record_exit(preflight.guess_run_dir(train_args), e.exit_code, str(e))
         return e.exit_code, str(e)
     except PermanentError as e:
         # Every node meets a bad option alike (one command line). Where the scheduler gathers every
         # node's output into one log (srun), the first node says it for all.
         if not (isinstance(e, ConfigError) and os.environ.get("SLURM_NODEID", "0") != "0"):
             print(f"error: {e} [exit {e.exit_code}: permanent, restarting will not help]", file=sys.stderr)
-        failures.record_exit(failures.guess_run_dir(train_args), e.exit_code, str(e))
+        record_exit(preflight.guess_run_dir(train_args), e.exit_code, str(e))
         return e.exit_code, str(e)
     except SystemExit as e:  # --help
         return (e.code if isinstance(e.code, int) else 0), "help"
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         if users_log_level is not None:
             env["TORCH_CPP_LOG_LEVEL"] = users_log_level
         env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-        env.setdefault(exit_status.STATUS_ENV, str(records / "status.json"))
+        env.setdefault(STATUS_ENV, str(records / "status.json"))
         env["TORCHELASTIC_ERROR_FILE"] = str(records / "agent-error.json")
         if plan.multi_node:
             # A node that joins a running job (a replacement, a scale-up) must learn where the
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             # rendezvous round. Unshared, every round does (tests/e2e/test_replacement_node.py).
             env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
         grace = float(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) + 10
-        status_file = env[exit_status.STATUS_ENV]
+        status_file = env[STATUS_ENV]
 
         def stopped_on_purpose() -> bool:  # the job recorded a permanent error and stopped torchrun
             job = exit_status.job_record(status_file)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         code, reason = exit_status.decide(status_file, str(records), supervisor.stop_signal)
         told = watcher.verdict if watcher is not None else None
-        if told is not None and not 1 <= code <= 127 and code != exit_status.EXIT_PREEMPTED:
+        if told is not None and not 1 <= code <= 127 and code != EXIT_PREEMPTED:
             code, reason = told["code"], f"node {told['node']} failed permanently: {told['reason']}"
         elif plan.multi_node and 1 <= code <= 127 and told is None:
             # The store was up while torchrun ran: it answers at once, or it went with this node.

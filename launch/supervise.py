@@ -20,24 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from train.runtime import env
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for tasks in Path(f"/proc/{pid}/task").glob("*/children"):
-        with contextlib.suppress(OSError, ValueError):
-            found += [int(p) for p in tasks.read_text().split()]
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Neither gone nor a zombie (an orphan's zombie may never be reaped here)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 class QuietStop:
@@ -160,7 +145,7 @@ class Supervisor:
         name = signal.Signals(number).name
         print(f"launch: got {name}; torchrun (pid {child.pid}) passes it to the workers, which save and stop",
               file=sys.stderr, flush=True)  # fmt: skip
-        self._workers = self._workers or _children(child.pid)
+        self._workers = self._workers or env.children(child.pid)
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(number)
         self._forwarded = True
@@ -180,7 +165,7 @@ class Supervisor:
             if self.stop_signal is not None:
                 deadline = time.monotonic() + self.grace_s
                 for pid in self._workers:
-                    while _alive(pid) and time.monotonic() < deadline:
+                    while env.alive(pid) and time.monotonic() < deadline:
                         time.sleep(0.2)
             return rc
         finally:

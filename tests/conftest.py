@@ -36,6 +36,24 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, corpus: Path):
+    """``reference_run(**overrides)``: the run dir of an uninterrupted 2-rank torchrun run with
+    those tiny_args overrides, run once per session and shared by every test comparing with it."""
+    done: dict[str, Path] = {}
+
+    def get(**overrides: object) -> Path:
+        key = repr(sorted(overrides.items()))
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("reference") / "run"
+            result = run_torchrun(tiny_args(run_dir, corpus, **overrides))
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[key] = run_dir
+        return done[key]
+
+    return get
+
+
 def tiny_args(run_dir: Path, corpus: Path, **overrides: object) -> list[str]:
     """CLI args for a ~30k-parameter model on the tiny corpus; override with key=value (dots as __)."""
     opts: dict[str, object] = {
@@ -79,6 +97,29 @@ def run_torchrun(
     full_env = {k: v for k, v in os.environ.items() if k != "FTJOB_FAULT"}
     full_env.update({"PYTHONUNBUFFERED": "1", **(env or {})})
     return subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def _local_sh(args: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    full = {k: v for k, v in os.environ.items() if k not in ("FTJOB_FAULT", "FTJOB_STATUS_FILE")}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    full.update({"PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", "NPROC": "2", "MAX_RESTARTS": "0", **env})
+    if torchrun.exists():
+        full["TORCHRUN"] = str(torchrun)
+    full.setdefault("TORCHRUN_ARGS", "--monitor-interval=0.2")
+    return ["bash", str(REPO / "launch" / "local.sh"), *args], full
+
+
+def launch_local(args: list[str], cwd: Path, timeout: float = 240, **env: str) -> subprocess.CompletedProcess:
+    """The job through launch/local.sh (the ftjob launcher, torchrun, 2 ranks, no restarts unless
+    MAX_RESTARTS says otherwise), as a scheduler runs it."""
+    cmd, full = _local_sh(args, env)
+    return subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def start_local(args: list[str], cwd: Path, **env: str) -> subprocess.Popen:
+    """launch_local(), started: stdout and stderr are pipes."""
+    cmd, full = _local_sh(args, env)
+    return subprocess.Popen(cmd, env=full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def process_tree(pid: int) -> list[int]:

@@ -104,7 +104,7 @@ class DistConfig:
     """Collective timeout once the first step has completed."""
     warm_restart: bool = True
     """Restarted workers fork from a process that already imported torch (Linux, torchrun with
-    --max-restarts >= 1): ~1.3 s less per restart here. See train/warmstart.py."""
+    --max-restarts >= 1): ~1.3 s less per restart here. See train/runtime/warmstart.py."""
 
 
 @dataclass
@@ -321,6 +321,12 @@ def _normalise_bools(argv: list[str]) -> list[str]:
     return out
 
 
+HELP = """Train with DDP under torchrun (or ftjob, launch/README.md). Checkpoints are written every
+--ckpt.interval steps, atomically and in the background, and every start resumes from the newest
+valid one on any node: a killed, restarted or requeued run ends bit for bit as an uninterrupted one.
+A --config FILE (.toml or .json) is applied first, these options after. Exit codes: 0 done, 143
+preempted and saved (requeue), 1-127 permanent (fix the input), 128-255 retryable."""
+
 # Booleans take a value (`--ckpt.async false`), as scripts that template options expect.
 _TYRO_CONF = (tyro.conf.FlagConversionOff,)
 
@@ -338,7 +344,7 @@ def parse(argv: list[str] | None = None) -> Config:
         del argv[i : i + 2]
     argv = _normalise_bools(argv)
     if "-h" in argv or "--help" in argv:
-        return tyro.cli(Config, args=argv, default=default, description=__doc__, config=_TYRO_CONF)
+        return tyro.cli(Config, args=argv, default=default, description=HELP, config=_TYRO_CONF)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):

@@ -81,6 +81,12 @@ class Batches:
     def next(self) -> tuple[torch.Tensor, ...]:
         return tuple(t.to(self.device, non_blocking=True) for t in next(self._it))
 
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the workers now (not whenever the iterator is collected)."""
         shutdown = getattr(self._it, "_shutdown_workers", None)

@@ -3,8 +3,9 @@ gives the checkpoint's files as objects, ``load_state_dict()`` takes them back.
 
 Files: ``model.safetensors`` (plain {name: tensor}, unwrapped), ``optim.safetensors`` and
 ``train.safetensors`` (step, scheduler, sampler, grad scaler). This object knows nothing of
-ranks, collectives or staging: train/snapshot.py adds every rank's RNG states and copies the
-tensors off the training loop's path; train/resume.py decides who reads which copy.
+ranks, collectives or staging: train/checkpointing/snapshot.py adds every rank's RNG states and
+copies the tensors off the training loop's path; train/checkpointing/resume.py decides who reads
+which copy.
 """
 
 from __future__ import annotations

@@ -29,8 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from train.config import Config, ModelConfig  # noqa: E402
-from train.data import TokenWindows, prepare  # noqa: E402
-from train.model import GPT  # noqa: E402
+from train.lm.data import TokenWindows, prepare  # noqa: E402
+from train.lm.model import GPT  # noqa: E402
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -49,15 +49,15 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
 
 from train import config  # noqa: E402
+from train.checkpointing.snapshot import Snapshots, restore  # noqa: E402
 from train.ckpt.manager import CheckpointManager, decode  # noqa: E402
 from train.ckpt.storage import LocalStorage, fsync_path  # noqa: E402
 from train.ckpt.writer import CheckpointWriter  # noqa: E402
 from train.lm import lm_loss  # noqa: E402
-from train.model import GPT  # noqa: E402
+from train.lm.model import GPT  # noqa: E402
 from train.sampler import GlobalSampler  # noqa: E402
-from train.snapshot import Snapshots, restore  # noqa: E402
 from train.state import TrainState  # noqa: E402
-from train.trainer import build_optimizer, lr_schedule  # noqa: E402
+from train.step import build_optimizer, lr_schedule  # noqa: E402
 
 BYTES_PER_PARAM = 12  # fp32 weight + AdamW exp_avg + exp_avg_sq
 CPU = torch.device("cpu")

@@ -173,7 +173,7 @@ def l3_trial(i: int, steps: int) -> dict:
 
 
 def _remove_local(run_dir: Path) -> None:
-    from train.local_tier import local_root
+    from train.checkpointing.local_tier import local_root
 
     root = local_root("", run_dir, create=False)
     if root is not None and root.is_relative_to("/dev/shm"):

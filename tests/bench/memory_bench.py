@@ -27,11 +27,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from train.checkpointing.snapshot import Snapshots  # noqa: E402
 from train.ckpt.manager import CheckpointManager  # noqa: E402
 from train.ckpt.objstore import open_storage  # noqa: E402
 from train.ckpt.storage import LocalStorage  # noqa: E402
 from train.sampler import GlobalSampler  # noqa: E402
-from train.snapshot import Snapshots  # noqa: E402
 from train.state import CKPT_FILES, TrainState  # noqa: E402
 
 
@@ -104,8 +104,8 @@ def _side(index: int) -> None:
 def resume(mb: int, root: Path) -> None:
     import dataclasses
 
-    from train import dist as distributed
-    from train.resume import resume as resume_state
+    from train.checkpointing.resume import resume as resume_state
+    from train.runtime import dist as distributed
 
     env = distributed.setup("gloo", 120)
     # Two "nodes" on this machine: rank 0's run dir (where save() wrote) is not rank 1's (no shared
@@ -131,11 +131,11 @@ def resume(mb: int, root: Path) -> None:
 
 
 def _wire(nbytes: int) -> float:
-    """The medium alone: ``nbytes`` broadcast from rank 0 to rank 1 as train/stream.py cuts them
+    """The medium alone: ``nbytes`` broadcast from rank 0 to rank 1 as train/checkpointing/stream.py cuts them
     (its chunks, its window), from and into warm memory - no disk, no checksum, no decoding."""
     import numpy as np
 
-    from train import stream
+    from train.checkpointing import stream
 
     ring = [np.ones(stream.CHUNK, dtype=np.uint8) for _ in range(stream.RING)]
     flying = []
@@ -156,8 +156,8 @@ def _wire(nbytes: int) -> float:
 def local(mb: int, root: Path) -> None:
     """The same checkpoint loaded from this process's own disk (a fresh process, as on a restart:
     what a rank of a node that holds it does)."""
-    from train.dist import DistEnv
-    from train.resume import resume as resume_state
+    from train.checkpointing.resume import resume as resume_state
+    from train.runtime.dist import DistEnv
 
     _side(1)  # the receiver's cores: both sides of M3 get the same
     fresh = build_state(mb, 200, stepped=False)
@@ -179,8 +179,8 @@ def s3save(mb: int, url: str) -> None:
 
 def s3load(mb: int, url: str) -> None:
     """As local(), from a --ckpt.dir URL: a fresh process resuming from the bucket."""
-    from train.dist import DistEnv
-    from train.resume import resume as resume_state
+    from train.checkpointing.resume import resume as resume_state
+    from train.runtime.dist import DistEnv
 
     fresh = build_state(mb, 200)
     storage = open_storage(url)

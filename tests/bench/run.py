@@ -482,7 +482,7 @@ def main() -> int:
     # Prepare the corpus once, outside every timed run (both the job and the baselines reuse it).
     sys.path.insert(0, str(REPO))
     from train.config import Config
-    from train.data import prepare
+    from train.lm.data import prepare
 
     d = Config().data
     prepare(d.path, str(CACHE), d.val_every)
@@ -687,7 +687,7 @@ def main() -> int:
                   f"fresh process, page cache warm, {size}, {cores} core(s) per side, {rounds}",
                   received, local, got["ratio"], "<= 1.3x")  # fmt: skip
         table.add("M3", "the wire alone: the same bytes broadcast between the same two processes, as "
-                  f"train/stream.py cuts them, warm memory, no disk or checksums / the local load, {rounds}",
+                  f"stream.py cuts them, warm memory, no disk or checksums / the local load, {rounds}",
                   wire, local, got["wire_ratio"], "ref 0")  # fmt: skip
         table.add("M3", f"resume time of the receiving rank / the wire alone, {rounds}",
                   received, wire, got["over_wire"], "ref 0")  # fmt: skip

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from ckpt_bench import build_state, save_stall, state_tensors, timed
 
+from train.checkpointing.snapshot import Snapshots, restore
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.objstore import FsspecStorage
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
 from train.lm import lm_loss
-from train.snapshot import Snapshots, restore
 from train.state import CKPT_FILES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -115,7 +115,7 @@ def training_processes(tag: str) -> list[Target]:
     zygote's, so its rank is its worker's: the one whose pidfd it holds)."""
     procs = scan(tag)
     workers = {p.pid: p for p in procs.values() if "RANK" in p.env and "train/main.py" in p.cmd}
-    zygotes = {p.pid for p in procs.values() if "train/zygote.py" in p.cmd}
+    zygotes = {p.pid for p in procs.values() if "train/runtime/zygote.py" in p.cmd}
     out = [
         Target(p.pid, int(p.env["RANK"]), int(p.env.get("TORCHELASTIC_RESTART_COUNT", "0")), False)
         for p in workers.values()

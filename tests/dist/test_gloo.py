@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from train.ckpt.manifest import deserialize
-from train.snapshot import Snapshots
+from train.checkpointing.snapshot import Snapshots
 
 try:
     import numpy as np
@@ -81,7 +81,7 @@ def _child(
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     try:
-        from train import dist as distributed
+        from train.runtime import dist as distributed
 
         time.sleep(delay)
         env = distributed.setup("gloo", 30)
@@ -157,7 +157,7 @@ def _generation(lines: list[str]) -> str:
 
 
 def _comm_worker(env) -> dict:
-    from train import comm
+    from train.runtime import comm
 
     rank, dev = env.rank, env.device
     payload_1 = bytes(range(256)) * 3 + b"\x00tail"  # NULs and high bytes: no text encoding anywhere
@@ -173,6 +173,10 @@ def _comm_worker(env) -> dict:
         "mean_input_untouched": value.item(),
         "mean_vector": comm.mean(torch.tensor([1.0, -2.0]) * (rank + 1)).tolist(),
     }
+    from train.checkpointing.boundary import Agreement, agree
+
+    loss, agreed = agree(Agreement(stop=rank == 0, saving=rank == 1), env, torch.tensor(float(rank + 1)))
+    out["agree"] = (loss, vars(agreed))
     return out
 
 
@@ -190,6 +194,10 @@ def test_comm_collectives_agree_on_both_ranks():
         assert r["mean"] == pytest.approx(4.0)  # (2 + 6) / 2
         assert r["mean_vector"] == pytest.approx([1.5, -3.0])
     assert r0["mean_input_untouched"] == 2.0 and r1["mean_input_untouched"] == 6.0
+    # The step's agreement: a flag raised on any rank is seen by every rank; the loss is the mean.
+    stop_and_saving = {"stop": True, "saving": True, "saving_local": False, "hung": False,
+                       "disk_full": False, "storage_failed": False}  # fmt: skip
+    assert r0["agree"] == r1["agree"] == (1.5, stop_and_saving)
 
 
 def _empty_bytes_worker(env) -> dict:
@@ -199,7 +207,7 @@ def _empty_bytes_worker(env) -> dict:
     the asymmetric all_gather case (only one rank has empty bytes) goes last because a failure
     there leaves the other rank waiting in a collective (bounded by the group's timeout).
     """
-    from train import comm
+    from train.runtime import comm
 
     rank, dev = env.rank, env.device
     cases: list[tuple[str, Callable[[], Any]]] = [
@@ -291,10 +299,10 @@ def test_stale_hello_nonce_from_dead_attempt(agent_store):
 
 def _tiny_state(seed: int):
     from train.config import ModelConfig, OptimConfig
-    from train.model import GPT
+    from train.lm.model import GPT
     from train.sampler import GlobalSampler
     from train.state import TrainState
-    from train.trainer import build_optimizer, lr_schedule
+    from train.step import build_optimizer, lr_schedule
 
     torch.manual_seed(seed)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, dropout=0.0), 8)
@@ -344,7 +352,7 @@ def _to_bytes(obj: Any) -> bytes:
 
 def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
     from train.errors import IncompatibleCheckpointError
-    from train.resume import resume
+    from train.checkpointing.resume import resume
 
     # Different weights per rank, trained differently: only rank 0's state gets saved.
     state = _tiny_state(seed=10 + env.rank)
@@ -355,7 +363,7 @@ def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
     before = safetensors.torch.save(fresh.model.state_dict())
     resumed = resume(_manager(run_dirs[env.rank]), fresh, env, FINGERPRINT, reads=env.rank == 0)
     out: dict[str, Any] = {
-        "resumed": resumed,
+        "resumed": resumed and vars(resumed),
         "step": fresh.step,
         "cursor": fresh.sampler.cursor,
         "last_epoch": fresh.scheduler.last_epoch,
@@ -426,7 +434,7 @@ def _draw() -> dict:
 
 def _rng_worker(env, run_dir: str) -> dict:
     from train import rng
-    from train.resume import resume
+    from train.checkpointing.resume import resume
 
     state = _tiny_state(seed=3)
     rng.seed_all(1337 + 1000 * env.rank)
@@ -468,8 +476,8 @@ def test_snapshot_keeps_every_ranks_rng(tmp_path):
 
 
 def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
-    from train.replicas import layout
-    from train.resume import resume
+    from train.checkpointing.replicas import layout
+    from train.checkpointing.resume import resume
 
     # Two "nodes" of one rank each, each with its own run dir: node 1 got further (step 5) than
     # node 0 (step 3) - e.g. node 0 is a replacement that came back with an older disk.
@@ -487,7 +495,7 @@ def _replica_worker(env, run_dirs: list[str], shared_dir: str) -> dict:
         "optim": _to_bytes(fresh.optimizer.state_dict()),
         "writes": writes,
         "shared_writes": layout(Path(shared_dir), env).writes,
-        "resumed": resumed,
+        "resumed": resumed and vars(resumed),
         "step": fresh.step,
         "weights": safetensors.torch.save(fresh.model.state_dict()),
     }

@@ -12,9 +12,9 @@ import safetensors.torch
 import torch.distributed as dist
 from test_gloo import FINGERPRINT, _manager, _tiny_state, _train_a_little, run_group
 
-from train import stream
+from train.checkpointing import stream
 from train.ckpt import manifest as mf
-from train.snapshot import Snapshots
+from train.checkpointing.snapshot import Snapshots
 
 FILES = {"a.bin": 2 * stream.CHUNK + 12345, "b.bin": 5, "empty.bin": 0, "c.bin": stream.CHUNK}
 
@@ -78,8 +78,8 @@ def test_a_sender_whose_read_fails_still_sends_every_chunk(tmp_path: Path) -> No
 
 
 def _fallback_worker(env, run_dirs: list[str]) -> dict:
-    from train.replicas import layout
-    from train.resume import resume
+    from train.checkpointing.replicas import layout
+    from train.checkpointing.resume import resume
 
     # Node 1 got further (step 5) but its copy of step 5 is corrupt; both nodes hold a step 3 of
     # their own (different states: they trained differently).
@@ -100,7 +100,7 @@ def _fallback_worker(env, run_dirs: list[str]) -> dict:
     dist.barrier()
     fresh = _tiny_state(seed=500 + env.rank)
     resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
-    return {"resumed": resumed, "weights": safetensors.torch.save(fresh.model.state_dict())}
+    return {"resumed": resumed and vars(resumed), "weights": safetensors.torch.save(fresh.model.state_dict())}
 
 
 def test_a_corrupt_newest_copy_makes_every_rank_fall_back_together(tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_a_corrupt_newest_copy_makes_every_rank_fall_back_together(tmp_path: Pat
 
 def _one_node_saves(env, run_dirs: list[str], steps: int, saver: int):
     """Each rank a node with a run dir of its own; rank ``saver``'s node trains and saves ``steps``."""
-    from train.replicas import layout
+    from train.checkpointing.replicas import layout
 
     own = Path(run_dirs[env.rank])
     state = _tiny_state(seed=10 + env.rank)
@@ -134,8 +134,8 @@ def _one_node_saves(env, run_dirs: list[str], steps: int, saver: int):
 
 
 def _transfer_fault_worker(env, run_dirs: list[str], corrupt_times: int) -> dict:
-    from train import stream as stream_mod
-    from train.resume import resume
+    from train.checkpointing import stream as stream_mod
+    from train.checkpointing.resume import resume
 
     own, nodes = _one_node_saves(env, run_dirs, steps=3, saver=0)
     if env.rank == 1:
@@ -157,7 +157,7 @@ def _transfer_fault_worker(env, run_dirs: list[str], corrupt_times: int) -> dict
         resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
     except RuntimeError as e:
         return {"error": str(e)}
-    return {"resumed": resumed, "weights": safetensors.torch.save(fresh.model.state_dict())}
+    return {"resumed": resumed and vars(resumed), "weights": safetensors.torch.save(fresh.model.state_dict())}
 
 
 def test_a_copy_corrupted_in_transit_is_sent_again_not_dropped(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_a_copy_corrupted_in_transit_is_sent_again_not_dropped(tmp_path: Path) -
 
 
 def _failed_only_copy_worker(env, run_dirs: list[str]) -> dict:
-    from train.resume import resume
+    from train.checkpointing.resume import resume
 
     # Node 1 holds the only checkpoint, and it is corrupt; node 0 holds none, so its rank
     # receives the copy straight into its model while node 1 reads (and then rejects) it.
@@ -187,7 +187,7 @@ def _failed_only_copy_worker(env, run_dirs: list[str]) -> dict:
     fresh = _tiny_state(seed=500 + env.rank)
     init = safetensors.torch.save(fresh.model.state_dict())
     resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
-    return {"resumed": resumed, "init": init, "weights": safetensors.torch.save(fresh.model.state_dict())}
+    return {"resumed": resumed and vars(resumed), "init": init, "weights": safetensors.torch.save(fresh.model.state_dict())}
 
 
 def test_a_rank_that_received_a_copy_that_failed_starts_from_clean_weights(tmp_path: Path) -> None:

@@ -13,10 +13,11 @@ import pytest
 from conftest import (
     MAIN,
     REPO,
+    launch_local,
     metrics_rows,
     newest_checkpoint,
     run_torchrun,
-    start_torchrun,
+    start_local,
     tiny_args,
     train_losses,
     wait_for_step,
@@ -25,34 +26,35 @@ from conftest import (
 STEPS = 40
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_saves_the_last_completed_step_and_requeue_continues(
-    corpus: Path, tmp_path: Path, sig: signal.Signals
-) -> None:
+def test_preemption_saves_the_last_completed_step_and_requeue_continues(corpus: Path, tmp_path: Path) -> None:
+    """SIGTERM (docker stop, Kubernetes) to the launcher, then SIGUSR1 (SLURM) to the requeued job:
+    each time the step that completed is saved and the launcher exits 143; the third start
+    finishes, every step run once."""
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, corpus, max_steps=STEPS, ckpt__interval=25)
-    # Slow steps (timing only, results unchanged) so the signal lands mid-run.
-    proc = start_torchrun(
-        args,
-        {"FTJOB_FAULT": "slow:ms=60:restart=any"},
-        ["--signals-to-handle=SIGTERM,SIGINT,SIGUSR1,SIGUSR2"],
-    )
-    try:
-        wait_for_step(run_dir, 8)
-        proc.send_signal(sig)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    status = json.loads((run_dir / "exit_status.json").read_text())
-    assert status["code"] == 143, stderr[-3000:]
-    last = max(train_losses(run_dir))
-    assert last < STEPS
-    assert newest_checkpoint(run_dir) == last  # zero completed steps lost
-    assert f"preempted: saved step {last}" in stderr
+    saved = 0
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        # Slow steps (timing only, results unchanged) so the signal lands mid-run.
+        proc = start_local(args, tmp_path, FTJOB_FAULT="slow:ms=60:restart=any")
+        try:
+            wait_for_step(run_dir, saved + 6)
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert proc.returncode == 143, stderr[-3000:]
+        assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 143
+        last = max(train_losses(run_dir))
+        assert saved < last < STEPS
+        assert newest_checkpoint(run_dir) == last  # zero completed steps lost
+        assert f"preempted: saved step {last}" in stderr
+        if saved:
+            assert f"resumed from step {saved}" in stderr and "0 completed step(s) lost" in stderr
+        saved = last
 
-    again = run_torchrun(args)
+    again = launch_local(args, tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from step {last}" in again.stderr
+    assert f"resumed from step {saved}" in again.stderr
     assert "0 completed step(s) lost" in again.stderr
     assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))
     assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
@@ -60,7 +62,7 @@ def test_preemption_saves_the_last_completed_step_and_requeue_continues(
 
 def test_hung_rank_is_detected_restarted_and_resumed(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    timeout = 6.0
+    timeout = 3.0
     args = tiny_args(run_dir, corpus, max_steps=STEPS, watchdog__timeout_s=timeout)
     result = run_torchrun(args, max_restarts=1, env={"FTJOB_FAULT": "hang:step=15:rank=1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -69,7 +71,7 @@ def test_hung_rank_is_detected_restarted_and_resumed(corpus: Path, tmp_path: Pat
     rows = metrics_rows(run_dir)
     hung_at = next(r["time"] for r in rows if r["kind"] == "train" and r["step"] == 15)
     resumed_first = next(r["time"] for r in rows if r["kind"] == "train" and r.get("restart") == 1)
-    assert resumed_first - hung_at < 2 * timeout + 6, "restart took too long after the hang"
+    assert resumed_first - hung_at < 2 * timeout + 10, "restart took too long after the hang"
     assert sorted(train_losses(run_dir)) == list(range(1, STEPS + 1))
 
 
@@ -84,6 +86,7 @@ def test_permanent_config_error_does_not_burn_restarts(corpus: Path, tmp_path: P
     assert "stopping torchrun" in result.stderr
     assert "process group up" not in result.stderr  # failed before rendezvous
     assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 2
+    assert {r["kind"] for r in metrics_rows(run_dir)} <= {"end"}  # nothing trained: only how it ended
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,8 @@ STEPS = 30
 FINAL = f"checkpoints/step_{STEPS:08d}/model.safetensors"
 
 
-def test_workers_give_the_same_run_and_resume_bit_exact(corpus: Path, tmp_path: Path) -> None:
-    reference = tmp_path / "reference"  # no workers
-    assert run_torchrun(tiny_args(reference, corpus, max_steps=STEPS)).returncode == 0
+def test_workers_give_the_same_run_and_resume_bit_exact(corpus: Path, tmp_path: Path, reference_run) -> None:
+    reference = reference_run(max_steps=STEPS)  # no workers
     run_dir = tmp_path / "run"
     result = run_torchrun(
         tiny_args(run_dir, corpus, max_steps=STEPS, data__workers=2),

@@ -9,9 +9,8 @@ from conftest import metrics_rows, run_torchrun, tiny_args
 from test_resume import STEPS, assert_same_run
 
 
-def test_sigkill_resumes_from_the_local_tier_bit_exact(corpus: Path, tmp_path: Path) -> None:
-    reference = tmp_path / "reference"
-    assert run_torchrun(tiny_args(reference, corpus, max_steps=STEPS)).returncode == 0
+def test_sigkill_resumes_from_the_local_tier_bit_exact(corpus: Path, tmp_path: Path, reference_run) -> None:
+    reference = reference_run(max_steps=STEPS)
     run_dir, local = tmp_path / "run", tmp_path / "local"
     result = run_torchrun(
         tiny_args(run_dir, corpus, max_steps=STEPS, ckpt__local_interval=3, ckpt__local_dir=local),

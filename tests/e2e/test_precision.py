@@ -16,11 +16,11 @@ STEPS = 30
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_resumes_bit_exact(corpus: Path, tmp_path: Path, precision: str) -> None:
+def test_mixed_precision_resumes_bit_exact(
+    corpus: Path, tmp_path: Path, precision: str, reference_run
+) -> None:
     opts = {"max_steps": STEPS, "precision": precision}
-    reference = tmp_path / "reference"
-    first = run_torchrun(tiny_args(reference, corpus, **opts))
-    assert first.returncode == 0, first.stderr[-3000:]
+    reference = reference_run(**opts)
     run_dir = tmp_path / "run"
     result = run_torchrun(
         tiny_args(run_dir, corpus, **opts), max_restarts=1, env={"FTJOB_FAULT": "crash:step=15:rank=1"}
@@ -41,13 +41,9 @@ def test_mixed_precision_resumes_bit_exact(corpus: Path, tmp_path: Path, precisi
     assert all(abs(loss) < 10 for loss in fp32.values())  # trains: finite losses
 
 
-def test_fp32_and_bf16_differ_but_both_train(corpus: Path, tmp_path: Path) -> None:
+def test_fp32_and_bf16_differ_but_both_train(reference_run) -> None:
     """A sanity check that autocast is really on: the losses are not the fp32 ones."""
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        run_dir = tmp_path / precision
-        done = run_torchrun(tiny_args(run_dir, corpus, max_steps=10, precision=precision))
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[precision] = train_losses(run_dir)
-    assert runs["fp32"] != runs["bf16"]
-    assert abs(runs["fp32"][10] - runs["bf16"][10]) < 0.5
+    fp32 = train_losses(reference_run(max_steps=STEPS))
+    bf16 = train_losses(reference_run(max_steps=STEPS, precision="bf16"))
+    assert fp32 != bf16
+    assert abs(fp32[STEPS] - bf16[STEPS]) < 0.5

@@ -8,14 +8,22 @@ import signal
 import time
 from pathlib import Path
 
-from conftest import metrics_rows, run_torchrun, start_torchrun, tiny_args, train_losses, wait_for_step
+from conftest import (
+    launch_local,
+    metrics_rows,
+    run_torchrun,
+    start_torchrun,
+    tiny_args,
+    train_losses,
+    wait_for_step,
+)
 
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
 
-# Every checkpoint file takes 1.5 s: a save (3 files and the manifest) runs ~6 s, longer than the
+# Every checkpoint file takes 0.8 s: a save (3 files and the manifest) runs ~3.2 s, longer than the
 # collective timeout these tests set (2 s), so any rank waiting for it inside a collective would die.
-SLOW = "slow_write:ms=1500:restart=any"
+SLOW = "slow_write:ms=800:restart=any"
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, bool]]:
@@ -62,11 +70,12 @@ def test_a_hung_save_ends_the_attempt_within_the_save_timeout(corpus: Path, tmp_
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, corpus, max_steps=400, ckpt__interval=10, ckpt__save_timeout_s=3)
     started = time.monotonic()
-    result = run_torchrun(
-        args, env={"FTJOB_FAULT": "hang_write:save_step=20:restart=any;slow:ms=20:restart=any"}
+    result = launch_local(  # as a scheduler would see it
+        args, tmp_path, FTJOB_FAULT="hang_write:save_step=20:restart=any;slow:ms=20:restart=any"
     )
     took = time.monotonic() - started
-    assert result.returncode != 0
+    assert result.returncode == 147, result.stderr[-3000:]
+    assert "save-timeout-s" in result.stderr.strip().splitlines()[-1]
     assert took < 90, f"a hung save held the job for {took:.0f}s"
     record = status(run_dir)
     assert (record["code"], record["class"], record["cause"]) == (147, "retryable", "storage"), record
@@ -83,8 +92,9 @@ def test_a_full_disk_is_one_clear_permanent_stop_not_a_crash_loop(
     run_dir = small_tmpfs / "run"
     args = tiny_args(run_dir, corpus, max_steps=200, ckpt__interval=5, ckpt__keep=3, ckpt__max_failures=2)
     args += ["--data.cache-dir", str(tmp_path / "cache")]
-    result = run_torchrun(args, max_restarts=3)
-    assert result.returncode != 0
+    result = launch_local(args, tmp_path, MAX_RESTARTS="3")  # as a scheduler would see it
+    assert result.returncode == 6, result.stderr[-3000:]
+    assert "No space left on device" in result.stderr.strip().splitlines()[-1]
     record = status(run_dir)
     assert (record["code"], record["class"], record["cause"]) == (6, "permanent", "disk-full"), record
     # Said before it happened, and at every failure: what is free and what is needed.

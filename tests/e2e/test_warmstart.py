@@ -1,4 +1,4 @@
-"""Warm restarts (train/warmstart.py) with real processes.
+"""Warm restarts (train/runtime/warmstart.py) with real processes.
 
 In the first tests this test process plays torchrun's agent: it starts a real zygote for itself
 and real ``python train/main.py`` workers as its children, so each property (exit codes, output,
@@ -30,15 +30,16 @@ from conftest import (
     wait_for_step,
 )
 
-from train import warmstart
+from train.runtime import env as procs
+from train.runtime import warmstart
 
-ZYGOTE = str(REPO / "train" / "zygote.py")
+ZYGOTE = str(REPO / "train" / "runtime" / "zygote.py")
 pytestmark = pytest.mark.skipif(not warmstart.supported(), reason="warm restarts need Linux pidfds")
 
 
 def alive(pid: int) -> bool:
     try:
-        return warmstart.proc_stat(pid)[0] not in ("Z", "X")
+        return procs.proc_stat(pid)[0] not in ("Z", "X")
     except OSError:
         return False
 

@@ -24,7 +24,8 @@ from chaos.squatter import Squat
 from conftest import MAIN, REPO, metrics_rows, newest_checkpoint, run_torchrun, tiny_args
 from safetensors.torch import load_file
 
-from train import warmstart
+from train.runtime import env as procs
+from train.runtime import warmstart
 
 pytestmark = pytest.mark.skipif(not warmstart.supported(), reason="warm restarts need Linux pidfds")
 NOBODY = 65534
@@ -88,7 +89,7 @@ class FakeZygote:
         os.environ[warmstart.RUNTIME_DIR_ENV] = str(runtime)
         warmstart.private_dir(create=True)
         self.sock_path, pid_file = warmstart.socket_paths(os.getpid())
-        pid_file.write_text(json.dumps({"pid": os.getpid(), "start": warmstart.start_ticks(os.getpid())}))
+        pid_file.write_text(json.dumps({"pid": os.getpid(), "start": procs.start_ticks(os.getpid())}))
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(self.sock_path))
         self.listener.listen(8)
@@ -146,7 +147,7 @@ def test_a_listener_that_is_not_the_expected_zygote_gets_nothing(fake_zygote: Fa
     _, pid_file = warmstart.socket_paths(os.getpid())
     other = subprocess.Popen(["sleep", "60"])
     try:
-        pid_file.write_text(json.dumps({"pid": other.pid, "start": warmstart.start_ticks(other.pid)}))
+        pid_file.write_text(json.dumps({"pid": other.pid, "start": procs.start_ticks(other.pid)}))
         got = []
 
         def serve() -> None:
@@ -181,7 +182,7 @@ def test_a_worker_that_gives_up_never_leaves_a_second_trainer(
 ) -> None:
     monkeypatch.setenv(warmstart.RUNTIME_DIR_ENV, str(tmp_path / "rt"))
     zygote = subprocess.Popen(
-        [sys.executable, str(REPO / "train" / "zygote.py"), str(os.getpid())],
+        [sys.executable, str(REPO / "train" / "runtime" / "zygote.py"), str(os.getpid())],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     try:
@@ -196,7 +197,7 @@ def test_a_worker_that_gives_up_never_leaves_a_second_trainer(
             f"""
             import json, os, socket, struct, sys
             sys.path.insert(0, {str(REPO)!r})
-            from train import warmstart
+            from train.runtime import warmstart
             sock = warmstart._connect(os.getppid())
             payload = json.dumps({{"argv": [{MAIN!r}, *{tiny_args(run_dir, corpus, max_steps=3)!r}],
                                   "cwd": os.getcwd(), "env": dict(os.environ), "started": 0}}).encode()
@@ -228,7 +229,7 @@ def test_a_worker_that_gives_up_never_leaves_a_second_trainer(
 
 def _alive(pid: int) -> bool:
     try:
-        return warmstart.proc_stat(pid)[0] not in ("Z", "X")
+        return procs.proc_stat(pid)[0] not in ("Z", "X")
     except OSError:
         return False
 

@@ -25,15 +25,15 @@ import torch  # noqa: E402
 from ckpt_bench import model_config  # noqa: E402
 
 from train import config  # noqa: E402
+from train.checkpointing.snapshot import Snapshots  # noqa: E402
 from train.ckpt.manager import CheckpointManager  # noqa: E402
 from train.ckpt.storage import LocalStorage  # noqa: E402
 from train.ckpt.writer import CheckpointWriter  # noqa: E402
 from train.lm import lm_loss  # noqa: E402
-from train.model import GPT  # noqa: E402
+from train.lm.model import GPT  # noqa: E402
 from train.sampler import GlobalSampler  # noqa: E402
-from train.snapshot import Snapshots  # noqa: E402
 from train.state import TrainState  # noqa: E402
-from train.trainer import build_optimizer, lr_schedule  # noqa: E402
+from train.step import build_optimizer, lr_schedule  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import config, failures
+from train import config, preflight
 from train.ckpt import hooks, objstore, s3_transfer
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.manifest import serialize
@@ -113,9 +113,7 @@ def test_an_exception_mid_write_commits_nothing(s3_env: dict) -> None:
         with pytest.raises(OSError, match="injected"):
             m.commit(20, blobs(20), {})
     finally:
-        from train import faults  # the job's own callbacks, as before
-
-        hooks.install(faults.point, faults.set_context)
+        hooks.install(lambda point: None, lambda **context: None)  # nothing installed, as before
     assert m.storage.names() == ["step_00000010"]
     assert "step_00000020" not in m.storage._objects()  # aborted: its data objects deleted
 
@@ -170,22 +168,22 @@ def _cfg(url: str) -> config.Config:
 
 
 def test_startup_check_accepts_a_good_store(s3_env: dict) -> None:
-    failures.check_ckpt_dir(_cfg(f"s3://{s3_env['BUCKET']}/ok"))
+    preflight.check_ckpt_store(_cfg(f"s3://{s3_env['BUCKET']}/ok"))
 
 
 def test_startup_check_names_each_misconfiguration(s3_env: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"no such bucket .*create it or fix --ckpt.dir"):
-        failures.check_ckpt_dir(_cfg("s3://no-such-bucket-here/x"))
+        preflight.check_ckpt_store(_cfg("s3://no-such-bucket-here/x"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(ConfigError, match=r"access refused .*AWS_SECRET_ACCESS_KEY"):
-        failures.check_ckpt_dir(_cfg(f"s3://{s3_env['BUCKET']}/x"))
+        preflight.check_ckpt_store(_cfg(f"s3://{s3_env['BUCKET']}/x"))
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(ConfigError, match="no credentials found"):
-        failures.check_ckpt_dir(_cfg(f"s3://{s3_env['BUCKET']}/x"))
+        preflight.check_ckpt_store(_cfg(f"s3://{s3_env['BUCKET']}/x"))
 
 
 def test_credentials_in_the_url_are_refused_before_anything_runs() -> None:
@@ -199,7 +197,7 @@ def test_an_unreachable_store_is_retryable_and_quick(s3_env: dict, monkeypatch: 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
     t0 = time.monotonic()
     with pytest.raises(StorageError, match=r"is not reachable .*AWS_ENDPOINT_URL"):
-        failures.check_ckpt_dir(_cfg(f"s3://{s3_env['BUCKET']}/x"))
+        preflight.check_ckpt_store(_cfg(f"s3://{s3_env['BUCKET']}/x"))
     assert time.monotonic() - t0 < 30
 
 

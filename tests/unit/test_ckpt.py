@@ -15,13 +15,13 @@ import torch
 from torch import nn
 
 from train import rng
+from train.checkpointing.snapshot import Snapshots, restore
 from train.ckpt import manifest as mf
 from train.ckpt import storage as storage_mod
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage
 from train.errors import IncompatibleCheckpointError
 from train.sampler import GlobalSampler
-from train.snapshot import Snapshots, restore
 from train.state import MODEL_FILE, OPTIM_FILE, TRAIN_FILE, TrainState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -549,9 +549,10 @@ def test_failed_write_leaves_no_checkpoint_and_the_previous_intact(tmp_path, mon
 
 CRASH_SCRIPT = textwrap.dedent(
     """
+    import os
     import sys
     import torch
-    import train.faults  # installs the kill points into train.ckpt's hooks
+    from train.runtime import faults
     from train.ckpt.manager import CheckpointManager
     from train.ckpt.storage import LocalStorage
 
@@ -563,6 +564,7 @@ CRASH_SCRIPT = textwrap.dedent(
             "train.pt": {"step": step},
         }
 
+    faults.install(os.environ["FTJOB_FAULT"])  # the kill points, in train.ckpt's hooks
     m = CheckpointManager(LocalStorage(sys.argv[1]), keep=1)
     for step in (1, 2):
         m.save(step, make_state(step), {"fingerprint": "abc"})

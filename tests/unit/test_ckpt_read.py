@@ -64,7 +64,7 @@ def test_check_file_catches_corruption_with_a_background_checksum():
 
 
 def test_set_deterministic_is_torch_deterministic_warn_only():
-    from train.main import set_deterministic
+    from train.runtime.determinism import set_deterministic
 
     try:
         set_deterministic()

@@ -408,7 +408,7 @@ def test_the_checkpoint_package_imports_nothing_of_the_job() -> None:
 
 def test_the_training_state_knows_nothing_of_ranks_or_staging() -> None:
     """TrainState is a plain state_dict()/load_state_dict() object; collectives, every rank's RNG
-    and staging buffers are train/snapshot.py's."""
+    and staging buffers are train/checkpointing/snapshot.py's."""
     import ast
 
     from train.state import TrainState
@@ -425,5 +425,8 @@ def test_the_training_state_knows_nothing_of_ranks_or_staging() -> None:
             else []
         )
     }
-    assert not {"torch.distributed", "train.comm", "train.rng", "train.dist"} & imported, imported
+    assert (
+        not {"torch.distributed", "train.runtime", "train.runtime.comm", "train.rng", "train.runtime.dist"}
+        & imported
+    ), imported
     assert callable(TrainState.state_dict) and callable(TrainState.load_state_dict)

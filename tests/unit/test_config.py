@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from train import config, records
+from train import config
 from train.config import Config, fingerprint, parse
 from train.errors import EXIT_CONFIG, ConfigError, DataError
+from train.observe import records
 
 REPO = Path(__file__).resolve().parents[2]
 MAIN = REPO / "train" / "main.py"
@@ -394,3 +395,6 @@ def test_main_help_lists_the_main_options(tmp_path):
     for option in ("--ckpt.interval", "--ckpt.keep", "--run-dir", "--max-steps", "--seed"):
         assert option in proc.stdout, option
     assert "Traceback" not in proc.stderr
+    # It opens with what the job does for its user, not with how the parser works.
+    assert "resumes from the newest" in " ".join(proc.stdout.split()[:80]), proc.stdout[:800]
+    assert "tyro" not in proc.stdout

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import local_tier
+from train.checkpointing import local_tier
+from train.checkpointing.local_tier import LocalTier
 from train.ckpt.manager import CheckpointManager, load_newest
 from train.ckpt.storage import LocalStorage
 from train.config import CkptConfig
-from train.local_tier import LocalTier
 
 
 def make_state(step: int) -> dict:

@@ -1,4 +1,4 @@
-"""The README's example of train/ckpt in another training loop runs as written, and resumes."""
+"""train/ckpt/README.md's example of the library in another training loop runs as written, and resumes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_the_library_example_runs_and_resumes(tmp_path: Path) -> None:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("### The checkpoint package in your own loop") :]
+    readme = (REPO / "train" / "ckpt" / "README.md").read_text()
+    section = readme[readme.index("## In your own loop") :]
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for _ in range(2):  # the second run finds the checkpoints of the first and resumes from them

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train import records, report
+from train.observe import records, report
 
 
 def write(run_dir: Path, rows: list[dict]) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.checkpointing.snapshot import Stager
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.manifest import deserialize
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriteError, CheckpointWriter
-from train.snapshot import Stager
 
 
 def state(value: float) -> dict:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from train.ckpt import hooks
+from train.ckpt import hooks, select
 from train.ckpt import manifest as mf
 from train.ckpt.storage import INVALID_TAG, Storage, Unreadable
 
@@ -173,7 +173,9 @@ class CheckpointManager:
                     if actual is None:
                         raise mf.Problem(f"{file} is missing")
                     if actual != entry["size"]:
-                        raise mf.Problem(f"{file}: {actual} bytes, manifest says {entry['size']}")
+                        raise mf.Problem(
+                            f"{file}: {actual} bytes, manifest says {entry['size']} (truncated or torn)"
+                        )
                 if deep:
                     reason = self.verify(name)
             except mf.Problem as p:
@@ -188,20 +190,18 @@ class CheckpointManager:
         (which rejects one by raising manifest.Problem; any other exception propagates)."""
         return load_newest([self], validate)
 
-    def _try_load(
-        self, step: int, name: str, skipped: list[tuple[str, str]], validate: Validate | None
-    ) -> Loaded | None:
+    def _try_load(self, step: int, name: str, validate: Validate | None) -> Loaded | None:
         try:
             manifest, blobs = self.read_verified(name)
             location = self.storage.location(name)
-            loaded = Loaded(step, name, location, manifest, blobs, list(skipped), decode(blobs))
+            loaded = Loaded(step, name, location, manifest, blobs, [], decode(blobs))
             if validate is not None:
                 validate(loaded)
         except mf.Problem as p:
             log.warning(
                 "checkpoint %s is not usable (%s); trying the next older one", self.storage.location(name), p
             )
-            skipped.append((name, self._record(name, str(p))))
+            self._record(name, str(p))
             return None
         self._record(name, "")
         return loaded
@@ -292,14 +292,27 @@ class CheckpointManager:
 
 
 def load_newest(managers: list[CheckpointManager], validate: Validate | None = None) -> Loaded | None:
-    """load_latest over several tiers (say a fast node-local one and a durable one): the newest step
-    in any of them that loads; on equal steps the earlier manager in the list is tried first."""
-    candidates = sorted(
-        ((step, -i, name) for i, m in enumerate(managers) for step, name in m._steps()), reverse=True
-    )
-    skipped: list[tuple[str, str]] = []
-    for step, i, name in candidates:
-        loaded = managers[-i]._try_load(step, name, skipped, validate)
-        if loaded is not None:
-            return loaded
-    return None
+    """load_latest over several tiers (say a fast node-local one and a durable one): the copy
+    train/ckpt/select.py picks (the newest step in any tier; on equal steps the earlier manager in
+    the list first), then the next it picks whenever one does not load."""
+    listed = {m.storage.location(i.name): (tier, m, i) for tier, m in enumerate(managers) for i in m.list()}
+    order = [select.Listed(i.step, 0, tier, where, i.valid) for where, (tier, _, i) in listed.items()]
+    excluded: set[tuple[int, str]] = set()
+    loaded = None
+    while loaded is None and (pick := select.newest(order, excluded)) is not None:
+        _, manager, info = listed[pick.location]
+        loaded = manager._try_load(info.step, info.name, validate)
+        excluded.add((0, pick.location))
+    if loaded is None:
+        return None
+    skipped = []  # newest first: every copy unusable as listed above the one loaded, or failed when read
+    for where, (_, manager, info) in sorted(listed.items(), key=lambda kv: (-kv[1][2].step, kv[1][0])):
+        if where == loaded.location:
+            continue
+        if (0, where) in excluded or (not info.valid and info.step > loaded.step):
+            if not info.valid:
+                manager._record(info.name, info.reason)
+                log.warning("checkpoint %s is not usable (%s)", where, info.reason)
+            skipped.append((info.name, manager._failed.get(info.name, info.reason)))
+    loaded.skipped = skipped
+    return loaded

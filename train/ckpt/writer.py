@@ -39,26 +39,23 @@ class CheckpointWriter:
         self.stall_s = 0.0  # time the caller spent blocked by the latest save, in save() and wait_staged()
         self._started: float | None = None  # monotonic start of the save in flight
         self.step_in_flight: int | None = None
-        # Which manager the save in flight (or the failed one) writes to: a writer may serve
-        # several tiers, one save at a time; ``last_committed`` counts the main one only.
-        self.in_flight: CheckpointManager | None = None
-        self.error_from: CheckpointManager | None = None
 
-    def _write(self, step: int, state: Snapshot, meta: dict[str, Any], manager: CheckpointManager) -> None:
+    def _write(self, step: int, state: Snapshot, meta: dict[str, Any]) -> None:
         try:
             t0 = time.perf_counter()
             try:
                 files = state() if callable(state) else state
             finally:
                 self._staged.set()
-            name = manager.save(step, files, meta)
-            if manager is self.manager:
-                self.last_committed = step
+            name = self.manager.save(step, files, meta)
+            self.last_committed = step
             log.info(
-                "checkpoint %s committed (%.2fs)", manager.storage.location(name), time.perf_counter() - t0
+                "checkpoint %s committed (%.2fs)",
+                self.manager.storage.location(name),
+                time.perf_counter() - t0,
             )
         except BaseException as e:
-            self._error, self.error_from = e, manager
+            self._error = e
 
     @property
     def busy(self) -> bool:
@@ -112,10 +109,8 @@ class CheckpointWriter:
         snapshot: Callable[[], Snapshot | None],
         meta: dict[str, Any],
         precheck: Callable[[], object] | None = None,
-        manager: CheckpointManager | None = None,
     ) -> None:
-        """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it
-        (with ``manager``: there instead of the writer's own manager).
+        """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it.
 
         ``snapshot`` may be collective; a rank that gets None from it has nothing to write.
         ``precheck`` runs on a rank that has something to write, before any write: if it raises,
@@ -123,25 +118,23 @@ class CheckpointWriter:
         """
         t0 = time.perf_counter()
         self.wait()
-        target = manager or self.manager
-        self.in_flight = target
         state = snapshot()
         if state is not None and precheck is not None:
             try:
                 precheck()
             except Exception as e:
-                self._error, self.error_from, state = e, target, None
+                self._error, state = e, None
         if state is None:
             pass
         elif self.background:
             self._staged.clear()
             self._started, self.step_in_flight = time.monotonic(), step
             self._thread = threading.Thread(
-                target=self._write, args=(step, state, meta, target), name=f"ckpt-save-{step}", daemon=True
+                target=self._write, args=(step, state, meta), name=f"ckpt-save-{step}", daemon=True
             )
             self._thread.start()
         else:
-            self._write(step, state, meta, target)
+            self._write(step, state, meta)
             self.check()
         self.stall_s = time.perf_counter() - t0
 

@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl (rank 0; its rows: train/records.py), log lines carrying the
+"""What a run reports: metrics.jsonl (rank 0; its rows: records.py), log lines carrying the
 rank, and progress - a bar on a TTY, else a line every --log-interval steps - with loss,
 throughput and the time left, counted from the step the attempt resumed at.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from train import records
-from train.tb_log import Scalars
+from train.observe import records
+from train.observe.tensorboard import Scalars
 
 log = logging.getLogger("train")
 
@@ -43,24 +43,30 @@ class Metrics:
         self,
         run_dir: Path,
         enabled: bool,
-        start_step: int,
         max_steps: int,
         log_interval: int,
         batch: int = 0,
         tensorboard: bool = False,
     ):
-        """``batch``: samples per step (for samples/s); ``tensorboard``: also write its scalars."""
+        """``enabled``: this rank writes (rank 0); ``batch``: samples per step (for samples/s);
+        ``tensorboard``: also write its scalars. Nothing is written before start()."""
         self.enabled, self.log_interval, self.max_steps, self.batch = enabled, log_interval, max_steps, batch
-        self.scalars = Scalars(run_dir, enabled and tensorboard, start_step)
-        self.file = open(records.path(run_dir), "a") if enabled else None  # noqa: SIM115
+        self.run_dir, self.tensorboard = run_dir, enabled and tensorboard
+        self.scalars = Scalars(run_dir, False, 0)
+        self.file = None
+        self.bar: tqdm | None = None
         self._write_failed = False
         self._since: tuple[int, float] | None = None  # (step, time) the rate is counted from
-        interactive = enabled and sys.stderr.isatty()
-        self.bar = (
-            tqdm(total=max_steps, initial=start_step, dynamic_ncols=True, unit="step")
-            if interactive
-            else None
-        )
+
+    def start(self, step: int, **fields: object) -> None:
+        """The attempt trains from ``step`` on (0: a fresh run): its "start" row, and the views of
+        the record that must know where it resumed (the progress bar, TensorBoard's purge)."""
+        if self.enabled:
+            self.file = open(records.path(self.run_dir), "a")  # noqa: SIM115
+            self.scalars = Scalars(self.run_dir, self.tensorboard, step)
+            if sys.stderr.isatty():
+                self.bar = tqdm(total=self.max_steps, initial=step, dynamic_ncols=True, unit="step")
+        self.event("start", step=step, **fields)
 
     def _write(self, row: dict) -> None:
         if self.file is None:
@@ -124,6 +130,12 @@ class Metrics:
             self.event("val", step=step, val_loss=loss)
             self.scalars.add(step, val__loss=loss)
             log.info("step %d validation loss %.4f", step, loss)
+
+    def __enter__(self) -> Metrics:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.scalars.close()

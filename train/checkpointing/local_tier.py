@@ -1,7 +1,7 @@
 """The node-local tier: a checkpoint every ``--ckpt.local-interval`` steps between the durable ones.
 
 Under DDP every node already holds the whole model and optimizer, so a fast local copy on each
-node needs no replication traffic: each checkpoint writer (one per node, train/replicas.py)
+node needs no replication traffic: each checkpoint writer (one per node, replicas.py)
 saves into its node's local directory, by default a RAM disk (/dev/shm), and keeps only the
 newest one there. Resume takes the newest valid checkpoint of either tier on any node, so a
 SIGKILL, or the loss of a node, costs at most the steps since the last local save.
@@ -29,11 +29,13 @@ import shutil
 import uuid
 from pathlib import Path
 
+from train.checkpointing.boundary import Agreement
+from train.checkpointing.policy import free_bytes
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
+from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
-from train.private import Untrusted, private_dir
-from train.saving import free_bytes
+from train.runtime.private import Untrusted, private_dir
 from train.state import CKPT_FILES
 
 log = logging.getLogger("train")
@@ -86,8 +88,9 @@ def private_base() -> Path:
 class LocalTier:
     def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool):
         """``writes``: this rank writes (and reads) its node's checkpoints."""
-        self.interval = cfg.local_interval
+        self.interval, self.save_timeout_s = cfg.local_interval, cfg.save_timeout_s
         self.manager: CheckpointManager | None = None
+        self.writer: CheckpointWriter | None = None  # only where this rank writes
         self._failures, self._warned = 0, False
         self._writing = writes and self.interval > 0
         if not writes:
@@ -104,6 +107,8 @@ class LocalTier:
             self.manager = CheckpointManager(LocalStorage(root), keep=1, files=CKPT_FILES)
         self._writing = self._writing and self.manager is not None
         if self._writing:
+            assert self.manager is not None
+            self.writer = CheckpointWriter(self.manager, background=True)
             log.info(
                 "node-local checkpoints every %d steps in %s (only the newest kept)", self.interval, root
             )
@@ -133,6 +138,16 @@ class LocalTier:
                 f"{root}'s filesystem free ({free / 1e6:.1f} MB free of {total / 1e6:.1f} MB); "
                 "skipping it (free memory/space, or set --ckpt.local-dir elsewhere)",
             )
+
+    def report(self) -> Agreement:
+        """This rank's word on its node-local saves (a failure is only ever this tier's business)."""
+        if self.writer is None:
+            return Agreement()
+        busy = self.writer.busy  # before the error: see SavePolicy.report()
+        error = self.writer.take_error()
+        if error is not None:
+            self.failed(error)
+        return Agreement(saving_local=busy, hung=self.writer.running_for() > self.save_timeout_s)
 
     def failed(self, error: BaseException) -> None:
         """A local save failed: warn; after MAX_FAILURES (lack of space aside), stop writing."""

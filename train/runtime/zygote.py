@@ -1,6 +1,6 @@
 """The warm-start zygote: one per torchrun agent, it imports torch once and forks ready trainers.
 
-Started by ``warmstart.start_zygote`` (``python train/zygote.py AGENT_PID``); see train/warmstart.py
+Started by ``warmstart.start_zygote`` (``python train/runtime/zygote.py AGENT_PID``); see warmstart.py
 for the protocol and who trusts whom. It never runs torch code itself, starts no threads and
 touches no GPU, so forking it is safe.
 """
@@ -21,18 +21,17 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from train.warmstart import (
+from train.runtime.env import parent_of, start_ticks
+from train.runtime.warmstart import (
     GO,
     REPLY_TIMEOUT_S,
     WARM_ENV,
     Untrusted,
     peer_credentials,
     private_dir,
-    proc_stat,
     socket_paths,
-    start_ticks,
 )
 
 
@@ -98,7 +97,7 @@ def _accept(listener: socket.socket, agent: int, agent_fd: int, children: dict) 
     try:
         conn.settimeout(5.0)
         pid, uid = peer_credentials(conn)
-        if uid != os.getuid() or int(proc_stat(pid)[1]) != agent:
+        if uid != os.getuid() or parent_of(pid) != agent:
             raise PermissionError(f"pid {pid} is not a worker of agent {agent}")
         header, fds, _, _ = socket.recv_fds(conn, 8, 3)
         (size,) = struct.unpack("!Q", header)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
-from train import records
+from train.observe import records
 
 
 def draw(run_dir: str | Path, report: dict, out: str | Path) -> None:

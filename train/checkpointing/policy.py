@@ -1,21 +1,15 @@
-"""The job's checkpoint policy around the background writer: when ranks wait, when a failure stops.
-
-Only the writers write (rank 0, or one rank per node: train/replicas.py), but every rank must
-agree on each step boundary, and none may sit inside a collective while a writer waits for its
-disk: the other ranks' collective would time out (at ``--dist.timeout-s``) and turn a slow save
-into a failed job. So every wait for a save is a loop of short waits, each followed by a tiny
-all-reduce that all ranks enter within ``POLL_S``.
-
-What each rank learns at a boundary, from the writers: a save is still running; a save has been
-running longer than ``--ckpt.save-timeout-s`` (hung storage: the attempt ends, exit 147,
-retryable); a writer gives up on saving (after ``--ckpt.max-failures`` failed saves in a row, or a
-failed final or preemption save): exit 6 for a full disk (permanent: free space first), 147
-otherwise.
+"""When a failing durable save stops the job, and the space a run's checkpoints need.
 
 A failed save costs nothing on disk: the writer removes its own temporary and every committed
-checkpoint stays. Training goes on and the next interval tries again. Before the first save, and
-with every failure, rank 0 says in one line how much space the checkpoints need ((keep + 1) x one
-checkpoint: retention deletes only after a commit) and how much there is.
+checkpoint stays. Training goes on and the next interval tries again, until ``--ckpt.max-failures``
+saves in a row have failed (or the final or preemption save fails): then the writer gives up, and
+through the step's agreement (boundary.py) every rank stops: exit 6 for a full disk (permanent:
+free space first), 147 otherwise (retryable). A save still running after ``--ckpt.save-timeout-s``
+is hung storage: the attempt ends with 147 without waiting for it.
+
+Before the first save, and with every failure, the writer says in one line how much space the
+checkpoints need ((keep + 1) x one checkpoint: retention deletes only after a commit) and how
+much there is.
 """
 
 from __future__ import annotations
@@ -25,26 +19,14 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from train.ckpt.manager import CheckpointManager
+from train.checkpointing.boundary import Agreement
 from train.ckpt.objstore import is_url
 from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
-from train.dist import DistEnv
 from train.errors import EXIT_DISK_FULL, EXIT_STORAGE, DiskFullError, StorageError
 
-if TYPE_CHECKING:
-    from train.local_tier import LocalTier
-
 log = logging.getLogger("train")
-POLL_S = 0.2
-# Any writer: still saving (durable), gave up (disk full), gave up (other failure), hung, still
-# saving (node-local tier).
-FLAGS = 5
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -64,20 +46,12 @@ def free_bytes(path: Path) -> int | None:
 
 
 class SavePolicy:
-    def __init__(
-        self,
-        writer: CheckpointWriter,
-        manager: CheckpointManager,
-        cfg: CkptConfig,
-        env: DistEnv,
-        writes: bool,
-        tier: LocalTier | None = None,
-    ):
-        self.writer, self.manager, self.cfg, self.env, self.writes = writer, manager, cfg, env, writes
-        self.tier = tier
-        self.local_busy = False  # the node-local save in flight on some writer (every rank knows)
-        self.failures = 0  # consecutive (on a writer)
-        self._gave_up = False
+    """The durable tier's saves as seen by one rank (only a writing rank ever has anything to say)."""
+
+    def __init__(self, writer: CheckpointWriter, cfg: CkptConfig, writes: bool):
+        self.writer, self.manager, self.cfg, self.writes = writer, writer.manager, cfg, writes
+        self.failures = 0  # consecutive
+        self.gave_up = False
         self._committed = writer.last_committed
         self._size: int | None = None  # bytes of one checkpoint, known at the first save
         self._last_error = ""
@@ -115,8 +89,8 @@ class SavePolicy:
         return f"step {step}" if step is not None else "none"
 
     def before_save(self, size: int) -> None:
-        """A writer, before a save is handed to its thread: the first time, say what the run needs;
-        every time, refuse a save that cannot fit (it would only fill the disk and fail)."""
+        """On the writer, before a save is handed to its thread: the first time, say what the run
+        needs; every time, refuse a save that cannot fit (it would only fill the disk and fail)."""
         first, self._size = self._size is None, size
         if first:
             disk = self._disk()
@@ -136,68 +110,47 @@ class SavePolicy:
             raise OSError(errno.ENOSPC, f"only {_mb(free)} free for a {_mb(size)} checkpoint")
 
     # -- the boundary ---------------------------------------------------------------------------------
-    def local_flags(self, final: bool = False, error: BaseException | None = None) -> list[float]:
-        """This rank's contribution to the boundary all-reduce (summed: > 0 means "some writer")."""
+    def report(self, final: bool = False) -> Agreement:
+        """This rank's word on the durable saves (``final``: a failure now is the last save's)."""
         if not self.writes:
-            return [0.0] * FLAGS
+            return Agreement()
         # "Still saving" first, then the error: a save that ends (and fails) in between is then
         # seen as failed now, never as neither busy nor failed (its error would surface later,
         # unhandled, from the writer).
-        busy, in_flight = self.writer.busy, self.writer.in_flight
-        error = error or self.writer.take_error()
-        tier = self.tier.manager if self.tier is not None else None
-        if error is not None and tier is not None and self.writer.error_from is tier:
-            self.tier.failed(error)  # type: ignore[union-attr]  # never the job's failure
-            error = None
+        busy = self.writer.busy
+        error = self.writer.take_error()
         if self.writer.last_committed != self._committed:
             self._committed, self.failures = self.writer.last_committed, 0
         code = 0
         if error is not None:
             self.failures += 1
             code = self._failed(error, final)
-            self._gave_up = bool(code)
-        overdue = self.writer.running_for() > self.cfg.save_timeout_s
-        local = busy and tier is not None and in_flight is tier
-        return [
-            float(busy and not local),
-            float(code == EXIT_DISK_FULL),
-            float(code == EXIT_STORAGE),
-            float(overdue),
-            float(local),
-        ]
+            self.gave_up = bool(code)
+        return Agreement(
+            saving=busy,
+            hung=self.writer.running_for() > self.cfg.save_timeout_s,
+            disk_full=code == EXIT_DISK_FULL,
+            storage_failed=code == EXIT_STORAGE,
+        )
 
-    def act(self, flags: list[float]) -> bool:
-        """Every rank, on the all-reduced flags: raise if the job stops here; else whether a writer
-        is still saving a durable checkpoint (``local_busy``: a node-local one)."""
-        busy, full, failing, overdue, self.local_busy = (x > 0 for x in flags)
-        mine = self.writes and (self._gave_up or self.writer.running_for() > self.cfg.save_timeout_s)
-        if overdue:
+    def act(self, agreed: Agreement, hung_here: int | None) -> None:
+        """Every rank: raise if the job ends at this boundary. ``hung_here``: the step of this
+        rank's own save that is hung, if one is (then this rank says why; the others stay quiet)."""
+        if agreed.hung:
             raise StorageError(
-                f"the checkpoint save of step {self.writer.step_in_flight} has run longer than "
+                f"the checkpoint save of step {hung_here} has run longer than "
                 f"--ckpt.save-timeout-s {self.cfg.save_timeout_s:g}: storage hung? ending this attempt"
-                if mine
+                if hung_here is not None
                 else "a checkpoint save is hung (see the writing rank's log)",
-                echo=mine,
+                echo=hung_here is not None,
             )
-        if full:
-            raise DiskFullError(self._give_up_line() if mine else "", echo=mine)
-        if failing:
+        if agreed.disk_full:
+            raise DiskFullError(self._give_up_line() if self.gave_up else "", echo=self.gave_up)
+        if agreed.storage_failed:
             raise StorageError(
-                self._give_up_line() if mine else "a rank cannot write checkpoints (see its log)", echo=mine
+                self._give_up_line() if self.gave_up else "a rank cannot write checkpoints (see its log)",
+                echo=self.gave_up,
             )
-        return busy
-
-    def settle(self, final: bool = False) -> None:
-        """Collective: return once every writer's save in flight (of either tier) is done, in short
-        waits every rank shares (see the module docstring)."""
-        while True:
-            if self.writes:
-                self.writer.join(POLL_S)
-            flags = torch.tensor(self.local_flags(final), dtype=torch.float32, device=self.env.device)
-            if self.env.backend:
-                dist.all_reduce(flags)
-            if not self.act(flags.tolist()) and not self.local_busy:
-                return
 
     # -- failures -------------------------------------------------------------------------------------
     def _failed(self, error: BaseException, final: bool) -> int:

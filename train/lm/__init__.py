@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.config import Config
-from train.data import TokenWindows, prepare
-from train.model import GPT
+from train.lm.data import TokenWindows, prepare
+from train.lm.model import GPT
 from train.task import Batch, Task
 
 SAMPLE_PROMPT = b"def "

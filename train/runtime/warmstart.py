@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -48,8 +49,8 @@ import time
 import tomllib
 from pathlib import Path
 
-from train import private
-from train.private import Untrusted
+from train.runtime import env, private
+from train.runtime.private import Untrusted
 
 AGENT_PID_ENV = "FTJOB_AGENT_PID"  # the torchrun agent, for a trainer whose parent is the zygote
 WARM_ENV = "FTJOB_WARM_START"  # set in a forked trainer: "<ms from worker start to fork>"
@@ -58,6 +59,16 @@ WARM_ENV = "FTJOB_WARM_START"  # set in a forked trainer: "<ms from worker start
 def warm_ms() -> str | None:
     """In a trainer forked by a warm restart: ms from its worker's start to the fork; else None."""
     return os.environ.get(WARM_ENV) or None
+
+
+def on_start(enabled: bool) -> None:
+    """At every start of a worker: say that it is a warm one, or start a zygote for the next."""
+    if warm_ms():
+        logging.getLogger("train").info(
+            "warm restart: trainer forked %s ms after the worker started", warm_ms()
+        )
+    else:
+        start_zygote(enabled)
 
 
 OPT_OUT_ENV = "FTJOB_WARM_RESTART"  # "0"/"false"/"no"/"off": no zygote, no hand-off
@@ -80,23 +91,14 @@ def agent_pid() -> int:
 def torchrun_agent() -> int | None:
     """agent_pid() if this worker really is a torchrun worker (not, e.g., started by a wrapper
     script that torchrun runs, or by plain python)."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
+    if not env.launch().under_torchrun:
         return None
     agent = agent_pid()
     try:
-        cmdline = Path(f"/proc/{agent}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        cmdline = env.cmdline(agent)
     except OSError:
         return None
     return agent if ("torchrun" in cmdline or "torch.distributed.run" in cmdline) else None
-
-
-def proc_stat(pid: int) -> list[str]:
-    """/proc/PID/stat from field 3 on (after the parenthesised command name, which may hold spaces)."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def start_ticks(pid: int) -> str:
-    return proc_stat(pid)[19]  # start time: tells a reused pid apart
 
 
 # -- where the socket lives ------------------------------------------------------------------------
@@ -126,7 +128,7 @@ def private_dir(create: bool) -> Path:
 
 def socket_paths(agent: int) -> tuple[Path, Path]:
     """(socket, pid file) of the zygote of this agent; the agent's start time tells a reused pid apart."""
-    base = private_dir(create=False) / f"zygote-{agent}-{start_ticks(agent)}"
+    base = private_dir(create=False) / f"zygote-{agent}-{env.start_ticks(agent)}"
     return base.with_suffix(".sock"), base.with_suffix(".pid")
 
 
@@ -134,7 +136,7 @@ def _expected_zygote(pid_file: Path) -> int:
     """The zygote's pid, from the file it wrote, if that process is still the one that wrote it."""
     record = json.loads(pid_file.read_text())
     pid = int(record["pid"])
-    if start_ticks(pid) != record["start"]:
+    if env.start_ticks(pid) != record["start"]:
         raise ProcessLookupError(f"zygote {pid} is gone")
     return pid
 
@@ -208,7 +210,7 @@ def _file_says_off(path: str) -> bool:
 def handoff() -> None:
     """Run this worker in a forked trainer if this agent has a zygote; return only if not."""
     os.environ.pop(AGENT_PID_ENV, None)
-    if not supported() or "TORCHELASTIC_RUN_ID" not in os.environ or opted_out(sys.argv[1:]):
+    if not supported() or not env.launch().under_torchrun or opted_out(sys.argv[1:]):
         return
     try:
         sock = _connect(os.getppid())
@@ -238,7 +240,7 @@ def handoff() -> None:
 
 
 def _process_start_time() -> float:
-    ticks = int(start_ticks(os.getpid())) / os.sysconf("SC_CLK_TCK")
+    ticks = int(env.start_ticks(os.getpid())) / os.sysconf("SC_CLK_TCK")
     boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     return boot + ticks
 
@@ -272,7 +274,8 @@ def start_zygote(enabled: bool) -> None:
     """From a cold worker: give this worker's agent a zygote for its next restart, if useful."""
     if not (enabled and supported()) or os.environ.get(OPT_OUT_ENV, "").lower() in _FALSE:
         return
-    if os.environ.get("LOCAL_RANK", "0") != "0" or int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) < 1:
+    launch = env.launch()
+    if launch.local_rank != 0 or launch.max_restarts < 1:
         return  # one per agent; and without restarts there is nothing to warm
     agent = torchrun_agent()
     if agent is None:
@@ -280,7 +283,7 @@ def start_zygote(enabled: bool) -> None:
     try:
         private_dir(create=True)
     except (OSError, Untrusted) as e:
-        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":  # say it once, not per attempt
+        if launch.restart == 0:  # say it once, not per attempt
             print(
                 f"warning: warm restarts off: {e}; set {RUNTIME_DIR_ENV} to a directory only you can "
                 "write (mode 0700)",

@@ -14,10 +14,11 @@ never read. The process group then lives under ``pg/<generation>/`` in the store
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from train.errors import ConfigError
+from train.runtime import env
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,12 @@ def pick_backend(requested: str) -> tuple[str, bool]:
 
 
 def _base_store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
-    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    where = env.rendezvous()
     return dist.TCPStore(
-        host_name=os.environ["MASTER_ADDR"],
-        port=int(os.environ["MASTER_PORT"]),
+        host_name=where.host,
+        port=where.port,
         world_size=world_size,
-        is_master=rank == 0 and not agent_hosts_store,
+        is_master=rank == 0 and not where.agent_hosts_store,
         timeout=timeout,
         wait_for_workers=False,
     )
@@ -85,18 +87,15 @@ def _answer_peers(store: dist.Store, world_size: int, generation: str, done: thr
         log.exception("process-group bootstrap: rank 0 stopped answering its peers")
 
 
-def _agree_generation(store: dist.Store, rank: int) -> tuple[str, threading.Event | None]:
+def _agree_generation(store: dist.Store, rank: int, world_size: int) -> tuple[str, threading.Event | None]:
     if rank == 0:
         generation = uuid.uuid4().hex
         done = threading.Event()
         # Its own client connection: the main thread's store is busy inside init_process_group.
+        where = env.rendezvous()
         responder_store = dist.TCPStore(
-            os.environ["MASTER_ADDR"],
-            int(os.environ["MASTER_PORT"]),
-            is_master=False,
-            timeout=timedelta(seconds=30),
+            where.host, where.port, is_master=False, timeout=timedelta(seconds=30)
         )
-        world_size = int(os.environ["WORLD_SIZE"])
         threading.Thread(
             target=_answer_peers,
             args=(responder_store, world_size, generation, done),
@@ -110,19 +109,18 @@ def _agree_generation(store: dist.Store, rank: int) -> tuple[str, threading.Even
 
 
 def setup(backend: str, init_timeout_s: float) -> DistEnv:
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if "RANK" not in os.environ:  # plain `python train/main.py`: one process, no group
+    launch = env.launch()
+    if not launch.distributed:  # plain `python train/main.py`: one process, no group
         device = torch.device("cuda:0" if torch.cuda.is_available() and backend != "gloo" else "cpu")
-        return DistEnv(0, 1, 0, device, None, restart)
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return DistEnv(0, 1, 0, device, None, launch.restart)
+    rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     name, use_cuda = pick_backend(backend)
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=init_timeout_s)
     store = _base_store(rank, world_size, timeout)
-    generation, done = _agree_generation(store, rank)
+    generation, done = _agree_generation(store, rank, world_size)
     try:
         dist.init_process_group(
             name,
@@ -136,9 +134,9 @@ def setup(backend: str, init_timeout_s: float) -> DistEnv:
         if done is not None:
             done.set()
     log.info("process group up: %s, rank %d/%d, generation %s", name, rank, world_size, generation[:8])
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    node = int(os.environ.get("GROUP_RANK", "0"))
-    return DistEnv(rank, world_size, local_rank, device, name, restart, local_world_size, node)
+    return DistEnv(
+        rank, world_size, local_rank, device, name, launch.restart, launch.local_world_size, launch.node
+    )
 
 
 def set_timeout(seconds: float) -> None:
@@ -153,3 +151,13 @@ def set_timeout(seconds: float) -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(backend: str, init_timeout_s: float) -> Iterator[DistEnv]:
+    """setup(), and teardown() however the block ends."""
+    distributed = setup(backend, init_timeout_s)
+    try:
+        yield distributed
+    finally:
+        teardown()

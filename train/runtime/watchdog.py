@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 from train.config import WatchdogConfig
 from train.errors import EXIT_HANG
-from train.failures import record_exit
+from train.runtime.exits import record_exit
 
 log = logging.getLogger("train")
 

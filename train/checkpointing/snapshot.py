@@ -4,7 +4,8 @@ What a plain state object must not know lives here: the RNG states of every rank
 a collective, so every rank calls take()), the staging buffers the tensors are copied into
 (reused from one save to the next), and when that copy may run. The tensors change only inside
 ``optimizer.step()``, so the copy is deferred: it runs in the background, overlapping the next
-forward/backward, and must finish before the next optimizer step (train/ckpt/writer.py waits).
+forward/backward, and must finish before the next optimizer step (the Checkpointer waits for it
+in a hook on the optimizer's step).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Any
 
 import torch
 
-from train import comm, rng
+from train import rng
+from train.runtime import comm
 from train.state import MODEL_FILE, OPTIM_FILE, TRAIN_FILE, Files, TrainState
 
 log = logging.getLogger("train")

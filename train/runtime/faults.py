@@ -1,4 +1,4 @@
-"""Fault injection for tests and chaos runs. Off unless FTJOB_FAULT is set.
+"""Fault injection for tests and chaos runs: off unless the entry point installs it (FTJOB_FAULT set).
 
 FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
 
@@ -17,7 +17,8 @@ FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
 Every fault fires only on the first attempt (``restart=0``) unless it says otherwise
 (``restart=N``, or ``restart=any``), so an injected crash does not turn into a crash loop.
 ``once=PATH`` fires a fault only if PATH does not exist yet (and creates it): once per run across
-requeues, where torchrun's restart count starts from 0 again.
+requeues, where torchrun's restart count starts from 0 again. An unknown kind or key is a
+configuration error (exit 2): a misspelt fault must not pass for a run that survived it.
 """
 
 from __future__ import annotations
@@ -27,47 +28,63 @@ import os
 import signal
 import time
 
-from train import warmstart
 from train.ckpt import hooks
+from train.errors import ConfigError
+from train.runtime import env, warmstart
 
 log = logging.getLogger(__name__)
 
+_MATCH = ("rank", "restart", "once")  # every kind takes these
+KINDS = {
+    "crash": ("step",),
+    "hang": ("step",),
+    "slow": ("step", "ms"),
+    "await_zygote": ("step",),
+    "raise": ("step",),
+    "kill": ("point", "save_step"),
+    "slow_write": ("save_step", "ms"),
+    "hang_write": ("save_step",),
+}
+_STEP_KINDS = ("crash", "hang", "slow", "await_zygote", "raise")
+
+_faults: list[dict[str, str]] = []
 _context: dict[str, int] = {}
 
 
-def _parse(spec: str) -> list[dict[str, str]]:
+def parse(spec: str) -> list[dict[str, str]]:
+    """The faults of an FTJOB_FAULT value; ConfigError naming the first unknown kind or key."""
     faults = []
     for item in filter(None, (s.strip() for s in spec.split(";"))):
         kind, *pairs = item.split(":")
+        if kind not in KINDS:
+            raise ConfigError(f"FTJOB_FAULT: unknown fault kind {kind!r}; known: {', '.join(KINDS)}")
         fault = {"kind": kind, "restart": "0"}
         for pair in pairs:
-            key, _, value = pair.partition("=")
+            key, eq, value = pair.partition("=")
+            if key not in (*KINDS[kind], *_MATCH) or not eq:
+                keys = ", ".join(f"{k}=" for k in (*KINDS[kind], *_MATCH))
+                raise ConfigError(f"FTJOB_FAULT: {kind} takes no {pair!r}; its keys: {keys}")
             fault[key] = value
         faults.append(fault)
     return faults
 
 
-_faults: list[dict[str, str]] | None = None
-
-
-def _active() -> list[dict[str, str]]:
-    """FTJOB_FAULT, parsed at first use, not at import: a warm-started trainer was imported by the
-    zygote, in another environment."""
+def install(spec: str) -> None:
+    """Arm the faults of ``spec`` in this process (the entry point calls it when FTJOB_FAULT is set)."""
     global _faults
-    if _faults is None:
-        _faults = _parse(os.environ.get("FTJOB_FAULT", ""))
-    return _faults
+    _faults = parse(spec)
+    if _faults:
+        hooks.install(_point, _context.update)  # the checkpoint package calls back at its points
+        log.warning("fault injection armed: %s", spec)
 
 
 def _matches(fault: dict[str, str], **ctx: int | str) -> bool:
-    env = {
-        "rank": os.environ.get("RANK", "0"),
-        "restart": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
-    }
+    launch = env.launch()
+    known = {"rank": launch.rank, "restart": launch.restart}
     for key, want in fault.items():
         if key in ("kind", "ms", "once") or want == "any":
             continue
-        have = ctx.get(key, _context.get(key, env.get(key)))
+        have = ctx.get(key, _context.get(key, known.get(key)))
         if have is None or str(have) != want:
             return False
     return "once" not in fault or _first_time(fault["once"])  # claimed only when it fires
@@ -87,41 +104,37 @@ def _kill(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def set_context(**ctx: int) -> None:
-    _context.update(ctx)
+def _hang(what: str) -> None:
+    log.warning("fault injection: hanging %s", what)
+    while True:
+        time.sleep(3600)
 
 
-def point(name: str) -> None:
-    for fault in _active():
+def _point(name: str) -> None:
+    for fault in _faults:
         kind = fault["kind"]
         if kind == "kill" and _matches(fault, point=name):
             _kill(f"at {name}")
         elif kind in ("slow_write", "hang_write") and name == "ckpt.file_written" and _matches(fault):
             if kind == "hang_write":
-                log.warning("fault injection: checkpoint write hangs")
-                while True:
-                    time.sleep(3600)
+                _hang("in the checkpoint write")
             time.sleep(float(fault.get("ms", "1000")) / 1000)
 
 
 def after_step(step: int) -> None:
-    for fault in _active():
-        if not _matches(fault, step=step):
+    """The step-boundary faults (nothing when none is installed)."""
+    for fault in _faults:
+        if fault["kind"] not in _STEP_KINDS or not _matches(fault, step=step):
             continue
         if fault["kind"] == "crash":
             _kill(f"after step {step}")
         elif fault["kind"] == "raise":
             raise RuntimeError(f"fault injection: exception after step {step}")
         elif fault["kind"] == "hang":
-            log.warning("fault injection: hanging after step %d", step)
-            while True:
-                time.sleep(3600)
+            _hang(f"after step {step}")
         elif fault["kind"] == "slow":
             time.sleep(float(fault.get("ms", "100")) / 1000)
         elif fault["kind"] == "await_zygote":  # so that a test's next restart is surely warm
             deadline = time.monotonic() + 120
             while not warmstart.listening(warmstart.agent_pid()) and time.monotonic() < deadline:
                 time.sleep(0.05)
-
-
-hooks.install(point, set_context)  # the checkpoint package calls back at its points

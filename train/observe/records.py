@@ -1,5 +1,5 @@
 """The run's own record, ``<run-dir>/metrics.jsonl``: one format, written by the job, read by resume,
-the recovery report and its plot (train/report.py, train/plot.py) through this module.
+the recovery report and its plot (report.py, plot.py) through this module.
 
 Append-only across attempts and restarts; one JSON object per line, each with ``kind`` and ``time``:
 

@@ -26,28 +26,25 @@ import signal
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
-from train import records, warmstart
-from train.ckpt import objstore
-from train.config import Config
 from train.errors import (
     CAUSES,
     EXIT_COLLECTIVE_TIMEOUT,
     EXIT_CRASH,
     EXIT_PEER,
+    EXIT_PREEMPTED,
     ConfigError,
     DataError,
     PermanentError,
-    RunDirError,
     StorageError,
     classify,
 )
+from train.observe import records
+from train.runtime import env, warmstart
 
 log = logging.getLogger("train")
 STATUS_FILE = "exit_status.json"
-STATUS_ENV = "FTJOB_STATUS_FILE"
 PEER_GRACE_S = 10.0  # how long a quiet rank waits for the one that reports a permanent error
 
 # Words of torch's gloo/nccl/store errors when the other side went away, or did not answer in time.
@@ -56,79 +53,16 @@ _PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken p
 _TIMED_OUT = ("timed out", "timeout", "watchdog caught collective operation")
 
 
-def check_run_dir(run_dir: str) -> None:
-    path = Path(run_dir)
-    probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirError(
-            f"run dir {run_dir!r} is not writable ({e.strerror}); pass a writable --run-dir"
-        ) from None
-
-
-def check_ckpt_dir(cfg: Config) -> None:
-    """A --ckpt.dir URL is checked now, not at the first save: one object written, read back and
-    deleted. Bad credentials, a missing bucket, a missing extra: ConfigError (permanent). A store
-    that does not answer: StorageError (retryable: an outage passes; a wrong endpoint does not)."""
-    if not objstore.is_url(cfg.ckpt.dir):
-        return
-    url = cfg.ckpt.dir
-    try:
-        storage = objstore.FsspecStorage(url)
-    except ImportError as e:
-        raise ConfigError(f"--ckpt.dir {url} needs {e.name or 'fsspec'}: pip install 'ftjob[s3]'") from None
-    except ValueError as e:  # an fsspec protocol it does not know
-        raise ConfigError(f"--ckpt.dir {url}: {e}") from None
-    try:
-        storage.probe()
-    except PermissionError as e:
-        raise ConfigError(
-            f"--ckpt.dir {url}: access refused ({objstore.first_line(e)}); check AWS_ACCESS_KEY_ID / "
-            "AWS_SECRET_ACCESS_KEY or AWS_PROFILE and the bucket's permissions"
-        ) from None
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"--ckpt.dir {url}: no such bucket ({objstore.first_line(e)}); create it or fix --ckpt.dir"
-        ) from None
-    except OSError as e:
-        if "NoCredentialsError" in str(e):
-            raise ConfigError(
-                f"--ckpt.dir {url}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(or AWS_PROFILE)"
-            ) from None
-        raise StorageError(
-            f"--ckpt.dir {url} is not reachable ({objstore.first_line(e)}); retrying, as an outage "
-            "passes (if it persists, check the URL and AWS_ENDPOINT_URL)"
-        ) from None
-
-
-def guess_run_dir(argv: list[str] | None) -> str | None:
-    """Where the run-dir copy goes when the config itself did not parse."""
-    args = sys.argv[1:] if argv is None else argv
-    for i, arg in enumerate(args):
-        if arg == "--run-dir" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--run-dir="):
-            return arg.split("=", 1)[1]
-    return Config().run_dir
-
-
 def _attempt() -> list[str]:
     """Which attempt of which agent a record belongs to: records of other attempts are replaced."""
-    return [
-        os.environ.get("TORCHELASTIC_RUN_ID", ""),
-        os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
-        socket.gethostname(),
-        str(warmstart.agent_pid()),
-    ]
+    launch = env.launch()
+    return [launch.run_id, str(launch.restart), socket.gethostname(), str(warmstart.agent_pid())]
 
 
 def _targets(run_dir: str | None) -> list[Path]:
-    targets = [Path(os.environ[STATUS_ENV])] if os.environ.get(STATUS_ENV) else []
-    if run_dir is not None and os.environ.get("GROUP_RANK", "0") == "0":
+    private = env.status_file()
+    targets = [private] if private is not None else []
+    if run_dir is not None and env.launch().node == 0:
         targets.append(Path(run_dir) / STATUS_FILE)
     return targets
 
@@ -141,8 +75,8 @@ def record_exit(run_dir: str | None, code: int, reason: str, secondary: bool = F
         "cause": CAUSES.get(code, "signal" if code > 128 else "error"),
         "reason": reason,
         "secondary": secondary,
-        "rank": int(os.environ.get("RANK", "0")),
-        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "rank": env.launch().rank,
+        "restart": env.launch().restart,
         "attempt": _attempt(),
         "time": time.time(),
     }
@@ -186,11 +120,12 @@ def permanent(error: PermanentError, run_dir: str | None) -> int:
     # before any process group): its local rank 0 speaks for them. A quiet rank waits for the one
     # that speaks to stop torchrun, which stops this rank too: the error is said once, and torchrun
     # never sees a quiet rank exit first and restarts the group. If nobody stops it, it goes on.
-    alike = isinstance(error, (ConfigError, DataError)) and os.environ.get("LOCAL_RANK", "0") != "0"
+    launch = env.launch()
+    alike = isinstance(error, (ConfigError, DataError)) and launch.local_rank != 0
     # A rank of another node says it (global rank 0), and nobody on this node will: this node's
     # local rank 0 stops its torchrun at once. Waiting, it would see the other node's torchrun (the
     # rendezvous host, maybe) go first, and torchrun here would fail loudly on its lost store.
-    first_here = os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("GROUP_RANK", "0") != "0"
+    first_here = launch.local_rank == 0 and launch.node != 0
     if agent and (alike or not (error.echo or first_here)):
         time.sleep(PEER_GRACE_S)
     action = f"; stopping torchrun (pid {agent}) so it does not restart" if agent else ""
@@ -231,3 +166,32 @@ def classify_exception(error: BaseException) -> tuple[int, bool]:
         if any(words in text for words in _TIMED_OUT):
             return EXIT_COLLECTIVE_TIMEOUT, True
     return EXIT_CRASH, False
+
+
+def finished(run_dir: str, code: int) -> int:
+    """Record an attempt that ended as planned: done, or preempted and saved."""
+    record_exit(
+        run_dir, code, "preempted: saved, requeue to continue" if code == EXIT_PREEMPTED else "finished"
+    )
+    return code
+
+
+def ended(error: BaseException, run_dir: str | None) -> int:
+    """The exit code of an attempt that ``error`` ended, recorded. Re-raises what torchrun's
+    ``@record`` should report with its traceback: an exception nobody classified, on the rank that
+    saw it first."""
+    if isinstance(error, SystemExit):
+        raise error  # --help, or tyro's own exit
+    if isinstance(error, PermanentError):
+        return permanent(error, run_dir)
+    code, secondary = crashed(error, run_dir)
+    if isinstance(error, StorageError) and error.echo:
+        log.error("%s [exit %d: retryable]", error, code)  # its message says it all
+        return code
+    if secondary:
+        # Another rank failed first. One line, and no torchrun error file: torchrun would take
+        # this rank's (earlier-stamped) file for the root cause and hide, e.g., a peer's SIGKILL.
+        log.error("%s; exit %d (retryable)", one_line(error), code)
+        return code
+    error.ftjob_exit_code = code  # type: ignore[attr-defined]
+    raise error

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from train import comm
-from train.dist import DistEnv
+from train.runtime import comm
+from train.runtime.dist import DistEnv
 
 log = logging.getLogger("train")
 

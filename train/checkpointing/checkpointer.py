@@ -1,0 +1,175 @@
+"""The job's checkpoints, in one object the training loop talks to three times:
+
+    with Checkpointer(cfg, env, state, fingerprint, metrics.event) as checkpointer:
+        resumed = checkpointer.resume()                    # once, before the first step
+        ...
+        loss, agreed = checkpointer.agree(local_loss, stop_requested)  # each step's all-reduce
+        if checkpointer.after_step(step, agreed, final):   # saves what is due; True: stop here
+            ...
+
+It owns the two tiers - durable checkpoints (``--ckpt.dir``, every ``--ckpt.interval`` steps)
+and the node-local one (``--ckpt.local-interval``, local_tier.py), each with its own background
+writer -, who writes them (replicas.py), the snapshot both take (snapshot.py), what a failing
+save does to the job (policy.py) and the resume (resume.py). It decides what is due: the final
+and the preemption save always (and every rank waits for it); a periodic durable save unless the
+previous one is still running (skipped, with a warning: one save in flight at most, since both
+tiers share the staging buffers); a node-local save only while nothing else is being saved.
+
+No rank ever waits for a disk inside a collective: every wait for a save is a loop of short
+waits, each followed by the tiny all-reduce of an Agreement (boundary.py) that all ranks enter
+within ``POLL_S``. Otherwise the other ranks' collective would time out (``--dist.timeout-s``) and
+turn a slow save into a failed job.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from train import config
+from train.checkpointing import replicas
+from train.checkpointing.boundary import Agreement, agree
+from train.checkpointing.local_tier import LocalTier
+from train.checkpointing.policy import SavePolicy
+from train.checkpointing.resume import Resumed, resume
+from train.checkpointing.snapshot import Snapshots
+from train.ckpt.manager import CheckpointManager
+from train.ckpt.objstore import FsspecStorage, open_storage
+from train.ckpt.writer import CheckpointWriter
+from train.errors import StorageError
+from train.runtime.dist import DistEnv
+from train.state import CKPT_FILES, TrainState
+
+log = logging.getLogger("train")
+POLL_S = 0.2
+Events = Callable[..., object]  # metrics.event(kind, **fields)
+
+
+class Checkpointer:
+    def __init__(self, cfg: config.Config, env: DistEnv, state: TrainState, fingerprint: str, events: Events):
+        """Collective on multi-node runs (the ranks find out who writes, replicas.py)."""
+        self.cfg, self.env, self.state, self.fingerprint, self.events = (
+            cfg.ckpt,
+            env,
+            state,
+            fingerprint,
+            events,
+        )
+        self.run_dir = Path(cfg.run_dir)
+        self.meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
+        storage = open_storage(config.ckpt_dir(cfg))
+        self.manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
+        # One bucket prefix is one directory every node sees: written by rank 0 alone, as a shared one.
+        self.layout = replicas.layout(self.run_dir, env, remote=isinstance(storage, FsspecStorage))
+        self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes)
+        # Always a background thread: with --ckpt.async false each save is waited for at once,
+        # but in short shared waits (see the module docstring).
+        self.writer = CheckpointWriter(self.manager, background=True)
+        self.policy = SavePolicy(self.writer, cfg.ckpt, self.layout.writes)
+        self.policy.on_failure = lambda line: events("checkpoint_failed", step=state.step, error=line)
+        self.snapshots = Snapshots(state)  # one set of staging buffers for both tiers
+        # The weights change only in optimizer.step(): a snapshot's copy runs until then.
+        self._hook = state.optimizer.register_step_pre_hook(lambda *_: self._wait_staged())
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Wait for a save in flight on the way out, but never for one that is hung."""
+        timeout = 0 if kind is StorageError else self.cfg.save_timeout_s
+        for writer in self._writers():
+            writer.close(timeout)
+        self._hook.remove()
+
+    def _writers(self) -> list[CheckpointWriter]:
+        return [self.writer, *([self.local.writer] if self.local.writer is not None else [])]
+
+    def _wait_staged(self) -> None:
+        for writer in self._writers():
+            writer.wait_staged()
+
+    # -- the three calls ---------------------------------------------------------------------------------
+    def resume(self) -> Resumed | None:
+        """Collective: restore the state from the newest valid checkpoint on any node (None: none)."""
+        return resume(
+            self.manager,
+            self.state,
+            self.env,
+            self.fingerprint,
+            reads=self.layout.writes,
+            local=self.local.manager,
+            shared=self.layout.shared,
+            run_dir=self.run_dir,
+        )
+
+    def agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, Agreement]:
+        """Collective, the step's one all-reduce: (the mean loss, what every rank agrees on).
+        Raises if checkpoint storage hung or gave up (StorageError, DiskFullError)."""
+        return self._agree(Agreement(stop=stop_requested), loss)
+
+    def after_step(self, step: int, agreed: Agreement, final: bool) -> bool:
+        """Collective: save what is due after ``step``; True when the job stops here (preempted,
+        the step saved)."""
+        due = bool(self.cfg.interval) and step % self.cfg.interval == 0
+        if final or agreed.stop:
+            self._save(step, agreed, last=True)
+            if final:
+                self.local.remove()  # the final checkpoint is durable
+        elif due and not agreed.saving:
+            self._save(step, agreed)
+        elif due:
+            log.warning(
+                "skipping the checkpoint of step %d: the previous one is still being written (slow storage?)",
+                step,
+            )
+            self.events("checkpoint_skipped", step=step, why="previous save still running")
+        elif self.local.due(step) and not agreed.busy:
+            self._save_local(step)  # skipped while any save runs: the next interval comes soon
+        return agreed.stop and not final
+
+    # -- saving ------------------------------------------------------------------------------------------
+    def _agree(
+        self, mine: Agreement, loss: torch.Tensor | None = None, final: bool = False
+    ) -> tuple[float, Agreement]:
+        mine = mine | self.policy.report(final) | self.local.report()
+        mean_loss, agreed = agree(mine, self.env, loss)
+        hung = [w.step_in_flight for w in self._writers() if w.running_for() > self.cfg.save_timeout_s]
+        self.policy.act(agreed, hung[0] if hung else None)
+        return mean_loss, agreed
+
+    def _settle(self, final: bool = False) -> None:
+        """Collective: return once every writer's save in flight (of either tier) is done."""
+        while True:
+            for writer in self._writers():
+                writer.join(POLL_S)
+            if not self._agree(Agreement(), final=final)[1].busy:
+                return
+
+    def _save(self, step: int, agreed: Agreement, last: bool = False) -> None:
+        """A durable save; ``last``: the final or preemption save, which every rank waits for."""
+        blocking = last or not self.cfg.async_save
+        t0 = time.perf_counter()
+        if last or agreed.saving_local:
+            self._settle()  # the previous save first: one in flight at most
+        writes = self.layout.writes
+        precheck = lambda: self.policy.before_save(self.state.nbytes())  # noqa: E731
+        self.writer.save(step, lambda: self.snapshots.take(self.env.device, writes), self.meta, precheck)
+        if blocking:
+            self._settle(final=last)
+        stall = time.perf_counter() - t0 if blocking else self.writer.stall_s
+        self.events("checkpoint", step=step, stall_s=stall)
+
+    def _save_local(self, step: int) -> None:
+        writer = self.local.writer
+        copy = self.snapshots.take(self.env.device, self.local.writing)  # collective: every rank takes part
+        if copy is not None and writer is not None:
+            precheck = lambda: self.local.before_save(self.state.nbytes())  # noqa: E731
+            writer.save(step, lambda: copy, self.meta, precheck)
+        if not self.cfg.async_save:
+            self._settle()
+        if copy is not None and writer is not None:
+            self.events("checkpoint", step=step, stall_s=writer.stall_s, tier="local")
