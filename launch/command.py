@@ -37,6 +37,7 @@ class Plan:
     backend: str  # "" when standalone
     endpoint: str  # host:port of the rendezvous, "" when standalone
     run_id: str
+    world_sizes: tuple[int, ...] = ()  # every size the elastic range allows (empty: not known here)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -129,4 +130,13 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
         backend=backend,
         endpoint=endpoint,
         run_id=str(args.rdzv_id),
+        world_sizes=_world_sizes(nnodes, str(args.nproc_per_node)),
     )
+
+
+def _world_sizes(nnodes: str, nproc: str) -> tuple[int, ...]:
+    """Every world size --nnodes MIN[:MAX] x --nproc-per-node allows ("gpu", "auto": not known)."""
+    low, _, high = nnodes.partition(":")
+    if not (low.isdigit() and (high or low).isdigit() and nproc.isdigit()):
+        return ()
+    return tuple(n * int(nproc) for n in range(int(low), int(high or low) + 1))

@@ -49,14 +49,14 @@ def _say(text: str) -> None:
     print(f"launch: {text}", file=sys.stderr, flush=True)
 
 
-def check_job_options(train_args: list[str]) -> tuple[int, str] | None:
+def check_job_options(train_args: list[str], world_sizes: tuple[int, ...] = ()) -> tuple[int, str] | None:
     """(exit code, why) of a job that cannot start (said in one line), None if it may."""
     from train import preflight
     from train.errors import ConfigError, PermanentError, StorageError
     from train.runtime.exits import record_exit
 
     try:
-        preflight.check(train_args)
+        preflight.check(train_args, world_sizes=world_sizes)
     except StorageError as e:  # the store is down: worth a retry by the scheduler, not a rendezvous
         print(f"error: {e} [exit {e.exit_code}: retryable]", file=sys.stderr)
         record_exit(preflight.guess_run_dir(train_args), e.exit_code, str(e))
@@ -104,10 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     except command.UsageError as e:
         print(f"error: {e} [exit 2: permanent, restarting will not help]", file=sys.stderr)
         return 2
-    rejected = check_job_options(train_args)
+    rejected = check_job_options(train_args, plan.world_sizes)
     if rejected is not None:
         code, why = rejected
-        if plan.multi_node and code != 0:  # the other nodes must not wait for this one
+        # The other nodes must not wait for this one - when waiting cannot help. A retryable
+        # failure (a store down) closes nothing: the next attempt, or another node, may do better.
+        if plan.multi_node and 1 <= code <= 127:
             verdict.publish(plan.backend, plan.endpoint, plan.run_id, code, why)
         return code
     if plan.multi_node:

@@ -1,7 +1,9 @@
 """Run torchrun as a child, pass the scheduler's stop signals on to it, and wait for everything it started.
 
-SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (and SIGHUP, sent on as SIGTERM) go to torchrun, which passes
-them to the workers: they save at the next step boundary and exit 143. The first stop signal is
+SIGTERM, SIGINT, SIGUSR1, SIGUSR2 (and SIGHUP, sent on as SIGTERM) go to torchrun and to its
+workers: they save at the next step boundary and exit 143. Once every worker has ended, torchrun
+gets a few seconds to follow and is then stopped: its own signal handling can lose track of a
+worker's exit for minutes, longer than SLURM's KillWait or a pod's grace period. The first stop signal is
 passed on once and later ones are dropped (torchrun cuts its graceful shutdown short when signalled
 again), except SIGINT: a repeated Ctrl-C is passed on each time. torchrun runs in a process group
 of its own, so a Ctrl-C at the terminal reaches it once, through here. Where torchrun is signalled
@@ -12,6 +14,7 @@ workers it left behind: their own record of the save is what decides the exit co
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from train.runtime import env
 
+AFTER_WORKERS_S = 5.0
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP)
 
 
@@ -148,7 +152,30 @@ class Supervisor:
         self._workers = self._workers or env.children(child.pid)
         with contextlib.suppress(ProcessLookupError):
             child.send_signal(number)
+        # The workers get it from here too: torchrun's own handler can be raised inside its poll
+        # of a worker and leave that worker's exit unseen for minutes (its 30 s + 90 s of stop).
+        for pid in self._workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, number)
         self._forwarded = True
+
+    def _wait(self, child: subprocess.Popen) -> int:
+        """torchrun's exit code; once a stop signal was passed on and every worker has ended,
+        torchrun gets AFTER_WORKERS_S to follow, then is killed (its record says nothing the
+        workers' records do not)."""
+        workers_gone_at = None
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                return child.wait(timeout=0.2)
+            if not (self._forwarded and self._workers) or any(env.alive(pid) for pid in self._workers):
+                continue
+            workers_gone_at = workers_gone_at or time.monotonic()
+            if time.monotonic() - workers_gone_at > AFTER_WORKERS_S:
+                print(f"launch: every worker has ended; torchrun (pid {child.pid}) did not follow in "
+                      f"{AFTER_WORKERS_S:.0f} s: stopping it", file=sys.stderr, flush=True)  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGKILL)
+                return child.wait()
 
     def run(self) -> int:
         """torchrun's exit code."""
@@ -160,7 +187,7 @@ class Supervisor:
             tee = _tee(self._child.stderr, self.stderr_copy, self._stopped_on_purpose)
             if self.stop_signal is not None and not self._forwarded:  # it came while torchrun started
                 self._forward(self.stop_signal)
-            rc = self._child.wait()  # signal handlers run meanwhile; the wait goes on after them
+            rc = self._wait(self._child)  # signal handlers run meanwhile
             tee.join(timeout=5)
             if self.stop_signal is not None:
                 deadline = time.monotonic() + self.grace_s

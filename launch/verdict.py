@@ -8,6 +8,10 @@ node's launcher watches for a verdict while its torchrun runs and, when one came
 code: the job fails once, with one class, on every node (a scheduler that takes the highest exit
 code of all nodes, like srun, would otherwise see a retryable 145 and requeue a job that cannot run).
 
+Anyone who can reach the rendezvous store can write there (see README, "Threat model"). With a
+per-job secret (``FTJOB_JOB_SECRET``, the same on every node) a verdict carries an HMAC of it,
+and one without a valid HMAC is ignored with one warning line: a forged verdict cannot end a job.
+
 Best effort, with short timeouts: with c10d the store lives in one agent, and once that is gone
 there is nobody to tell (its loss stops the other agents anyway). Rendezvous backends: c10d and
 etcd-v2; static and the older etcd have no store this can use, and get no verdicts.
@@ -16,15 +20,24 @@ etcd-v2; static and the older etcd have no store this can use, and get no verdic
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
 
+from train.runtime import env
+
 KEY = "ftjob.verdict"
 POLL_S = 1.0
 PUBLISH_WAIT_S = 2.5  # > POLL_S twice: every watcher reads the verdict before the close stops its torchrun
+UNSIGNED = (
+    "launch: warning: ignoring a verdict in the rendezvous store that this job's FTJOB_JOB_SECRET "
+    "did not sign (forged, or another job's)"
+)
 STALE_S = 60  # a verdict older than this launch (with etcd, keys outlive jobs) belongs to another job
 
 
@@ -72,6 +85,34 @@ def _key(run_id: str) -> str:
     return f"{KEY}.{run_id}"
 
 
+def _mac(secret: bytes, payload: str) -> str:
+    return hmac.new(secret, payload.encode(), hashlib.sha256).hexdigest()
+
+
+def seal(verdict: dict, secret: bytes | None) -> str:
+    """The value stored: the verdict, and its HMAC when the job has a secret."""
+    payload = json.dumps(verdict)
+    if secret is None:
+        return payload
+    return json.dumps({"payload": payload, "hmac": _mac(secret, payload)})
+
+
+def unseal(raw: bytes | str, secret: bytes | None) -> dict | None:
+    """The verdict in a stored value; None if it is not one, or (with a secret) not signed by it."""
+    try:
+        outer = json.loads(raw)
+        if secret is None:
+            return outer if isinstance(outer, dict) else None
+        if not (
+            isinstance(outer, dict) and hmac.compare_digest(_mac(secret, outer["payload"]), outer["hmac"])
+        ):
+            return None
+        inner = json.loads(outer["payload"])
+    except Exception:  # anything at all written there by anyone
+        return None
+    return inner if isinstance(inner, dict) else None
+
+
 def publish(backend: str, endpoint: str, run_id: str, code: int, reason: str, timeout_s: float = 10) -> bool:
     """Tell the other nodes, then close the rendezvous. False if the rendezvous could not be reached."""
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
@@ -85,7 +126,7 @@ def publish(backend: str, endpoint: str, run_id: str, code: int, reason: str, ti
             return False
         rdzv_backend, store = opened
         verdict = {"code": code, "reason": reason, "node": socket.gethostname(), "time": time.time()}
-        store.set(_key(run_id), json.dumps(verdict))
+        store.set(_key(run_id), seal(verdict, env.job_secret()))
         time.sleep(PUBLISH_WAIT_S)
         handler = DynamicRendezvousHandler.from_backend(
             run_id, store, rdzv_backend, 1, 1, timeout=RendezvousTimeout(close=timedelta(seconds=timeout_s))
@@ -103,6 +144,8 @@ class Watcher:
         self.backend, self.endpoint, self.run_id = backend, endpoint, run_id
         self.verdict: dict | None = None
         self._since = time.time() - STALE_S
+        self._secret = env.job_secret()
+        self._warned = False
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="verdict-watcher", daemon=True)
 
@@ -129,9 +172,14 @@ class Watcher:
                 store = None
 
     def _parse(self, raw: bytes) -> dict | None:
-        with contextlib.suppress(ValueError, TypeError):
-            verdict = json.loads(raw)
-            code = int(verdict["code"])
-            if 1 <= code <= 127 and float(verdict["time"]) >= self._since:
-                return {"code": code, "reason": str(verdict["reason"]), "node": str(verdict["node"])}
+        verdict = unseal(raw, self._secret)
+        if verdict is None and self._secret is not None:
+            if not self._warned:
+                print(UNSIGNED, file=sys.stderr, flush=True)
+            self._warned = True
+            return None
+        with contextlib.suppress(ValueError, TypeError, KeyError, AttributeError):
+            code = int(verdict["code"])  # type: ignore[index]
+            if 1 <= code <= 127 and float(verdict["time"]) >= self._since:  # type: ignore[index]
+                return {"code": code, "reason": str(verdict["reason"]), "node": str(verdict["node"])}  # type: ignore[index]
         return None

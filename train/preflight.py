@@ -9,6 +9,7 @@ RunDirError) or retryable (StorageError: a store that does not answer may come b
 
 from __future__ import annotations
 
+import math
 import sys
 import uuid
 from pathlib import Path
@@ -17,17 +18,44 @@ from train import config
 from train.ckpt import objstore
 from train.config import Config
 from train.errors import ConfigError, RunDirError, StorageError
+from train.sampler import plan_batches
 
 
-def check(argv: list[str] | None, run_dir: bool = True, ckpt_store: bool = True) -> Config:
+def check(
+    argv: list[str] | None, run_dir: bool = True, ckpt_store: bool = True, world_sizes: tuple[int, ...] = ()
+) -> Config:
     """The config of ``argv``, checked; ``run_dir`` / ``ckpt_store``: also check those (the job
-    does each once per node / per job, not in every rank)."""
+    does each once per node / per job, not in every rank); ``world_sizes``: every size an elastic
+    job may run at (the launcher knows them: a size that cannot split the batch would otherwise
+    fail the job for good the day the cluster shrinks to it)."""
     cfg = config.parse(argv)
+    check_world_sizes(cfg, world_sizes)
     if run_dir:
         check_run_dir(cfg.run_dir)
     if ckpt_store:
         check_ckpt_store(cfg)
     return cfg
+
+
+def check_world_sizes(cfg: Config, sizes: tuple[int, ...]) -> None:
+    failing = []
+    for size in sizes:
+        try:
+            plan_batches(cfg.global_batch_size, size, cfg.micro_batch_size)
+        except ConfigError:
+            failing.append(size)
+    if failing:
+        fits = math.lcm(*sizes)
+        raise ConfigError(
+            f"--global-batch-size {cfg.global_batch_size} cannot be split over world size(s) "
+            f"{', '.join(map(str, failing))}, which the elastic range allows; use a multiple of {fits}"
+            + (
+                f" with --micro-batch-size dividing {cfg.global_batch_size} / each size"
+                if cfg.micro_batch_size
+                else ""
+            )
+            + ", or narrow --nnodes"
+        )
 
 
 def check_run_dir(run_dir: str) -> None:

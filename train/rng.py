@@ -44,3 +44,24 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def check(state: object, device: torch.device | None = None) -> None:
+    """ValueError unless ``state`` is one capture()d: each part is loaded into a scratch
+    generator, so the live ones are never touched by a state that does not fit."""
+    try:
+        if not isinstance(state, dict):
+            raise TypeError("not a map")
+        random.Random().setstate(state["python"])
+        torch.Generator().set_state(state["torch"])
+        if "numpy" in state:
+            s = state["numpy"]
+            keys = s["keys"].numpy().astype("uint32")
+            np.random.RandomState().set_state((s["kind"], keys, s["pos"], s["has_gauss"], s["gauss"]))
+        if "cuda" in state:
+            if not (isinstance(state["cuda"], torch.Tensor) and state["cuda"].dtype == torch.uint8):
+                raise TypeError("the CUDA state is not a byte tensor")
+            if device is not None and device.type == "cuda":
+                torch.Generator(device).set_state(state["cuda"])
+    except Exception as e:  # whatever a malformed state makes these raise
+        raise ValueError(f"an RNG state does not load ({type(e).__name__}: {str(e)[:100]})") from None

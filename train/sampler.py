@@ -76,6 +76,22 @@ class GlobalSampler:
     def state_dict(self) -> dict:
         return {"cursor": self.cursor, "seed": self.seed, "num_samples": self.num_samples}
 
+    def check(self, state: object) -> None:
+        """ValueError unless ``state`` is a sampler state; IncompatibleCheckpointError if it is
+        another dataset's or seed's (restarting will not help: resume with the same ones)."""
+        fields = ("cursor", "seed", "num_samples")
+        if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), int) and not isinstance(state.get(k), bool) for k in fields
+        ):
+            raise ValueError("the sampler state is not a cursor, a seed and a sample count")
+        if state["cursor"] < 0:
+            raise ValueError(f"the sampler cursor {state['cursor']} is negative")
+        if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
+            raise IncompatibleCheckpointError(
+                f"sampler state is for {state['num_samples']} samples / seed {state['seed']}, "
+                f"this run has {self.num_samples} / {self.seed}; resume with the same data and --seed"
+            )
+
     def load_state_dict(self, state: dict) -> None:
         if state["num_samples"] != self.num_samples or state["seed"] != self.seed:
             raise IncompatibleCheckpointError(

@@ -83,34 +83,82 @@ class TrainState:
         return {MODEL_FILE: self.model.state_dict()}
 
     def check(self, objects: dict[str, Any]) -> None:
-        """Raise ValueError unless decoded checkpoint files fit this state, without touching it:
-        a checkpoint whose checksums pass may still have been written by something else, and a
-        half-done restore of it could not be undone."""
+        """Raise ValueError unless decoded checkpoint files fit this state - every part that
+        load_state_dict() will take, without touching anything: a checkpoint whose checksums pass
+        may still have been written by something else, and a half-done restore of it could not be
+        undone. IncompatibleCheckpointError if it fits but is another run's data (seed, dataset)."""
         weights, optim, train = objects[MODEL_FILE], objects[OPTIM_FILE], objects[TRAIN_FILE]
         mine = self.model.state_dict()
-        if not isinstance(optim, dict):
-            raise ValueError(f"{OPTIM_FILE} holds no optimizer state")
         if not isinstance(weights, dict) or weights.keys() != mine.keys():
             raise ValueError("the weights' names differ from this model's")
         for name, tensor in mine.items():
-            if weights[name].shape != tensor.shape or weights[name].dtype != tensor.dtype:
-                raise ValueError(
-                    f"weight {name} is {tuple(weights[name].shape)}, the model's is {tuple(tensor.shape)}"
-                )
-        groups = [len(g["params"]) for g in self.optimizer.param_groups]
-        if (
-            not isinstance(optim, dict)
-            or [len(g.get("params", ())) for g in optim.get("param_groups", ())] != groups
-        ):
-            raise ValueError("the optimizer's parameter groups differ")
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        for index, per_param in optim.get("state", {}).items():
-            for key, value in per_param.items():
-                if (
-                    isinstance(value, torch.Tensor)
-                    and value.dim()
-                    and value.shape != params[int(index)].shape
-                ):
-                    raise ValueError(f"optimizer state {key} of parameter {index} has the wrong shape")
+            _like(weights[name], tensor, f"weight {name}")
+        self._check_optimizer(optim)
         if not isinstance(train, dict) or not {"step", "scheduler", "sampler"} <= train.keys():
             raise ValueError(f"{TRAIN_FILE} lacks step, scheduler or sampler state")
+        if not _is_int(train["step"]) or train["step"] < 0:
+            raise ValueError(f"{TRAIN_FILE}: step {str(train['step'])[:20]} is not a step")
+        _like(train["scheduler"], self.scheduler.state_dict(), "the scheduler state")
+        if self.scaler is not None and train.get("scaler") is not None:
+            scaler = train["scaler"]
+            if not (isinstance(scaler, dict) and all(isinstance(v, (int, float)) for v in scaler.values())):
+                raise ValueError("the grad scaler state is not a map of numbers")
+        self.sampler.check(train["sampler"])
+
+    def _check_optimizer(self, optim: Any) -> None:
+        if not isinstance(optim, dict) or not isinstance(optim.get("param_groups"), list):
+            raise ValueError(f"{OPTIM_FILE} holds no optimizer state")
+        ours = self.optimizer.state_dict()["param_groups"]
+        if len(optim["param_groups"]) != len(ours):
+            raise ValueError("the optimizer's parameter groups differ")
+        for theirs, mine in zip(optim["param_groups"], ours, strict=True):
+            _like(theirs, mine, "an optimizer parameter group")  # params: the same count of indices
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        state = optim.get("state", {})
+        if not isinstance(state, dict):
+            raise ValueError("the optimizer state is not a map")
+        for index, per_param in state.items():
+            if not (str(index).isdigit() and int(index) < len(params) and isinstance(per_param, dict)):
+                raise ValueError(f"optimizer state for parameter {str(index)[:20]} does not fit")
+            for key, value in per_param.items():
+                if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                    raise ValueError(
+                        f"optimizer state {str(key)[:40]} of parameter {index} is not a float tensor"
+                    )
+                if value.dim() and value.shape != params[int(index)].shape:
+                    raise ValueError(f"optimizer state {key} of parameter {index} has the wrong shape")
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _like(theirs: Any, mine: Any, what: str) -> None:
+    """ValueError unless ``theirs`` has the structure of ``mine``: the same keys, lengths, kinds
+    of scalar (a number for a number), tensor shapes and dtypes."""
+    if isinstance(mine, torch.Tensor):
+        if not isinstance(theirs, torch.Tensor) or theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            got = (
+                f"{tuple(theirs.shape)} {theirs.dtype}"
+                if isinstance(theirs, torch.Tensor)
+                else type(theirs).__name__
+            )
+            raise ValueError(f"{what} is {got}, this job's is {tuple(mine.shape)} {mine.dtype}")
+    elif isinstance(mine, dict):
+        if not isinstance(theirs, dict) or set(map(str, theirs)) != set(map(str, mine)):
+            raise ValueError(f"{what} does not have this job's fields")
+        by_name = {str(k): v for k, v in theirs.items()}
+        for key, value in mine.items():
+            _like(by_name[str(key)], value, f"{what} ({key})")
+    elif isinstance(mine, (list, tuple)):
+        if not isinstance(theirs, (list, tuple)) or len(theirs) != len(mine):
+            raise ValueError(f"{what} does not have this job's length")
+        for a, b in zip(theirs, mine, strict=True):
+            _like(a, b, what)
+    elif isinstance(mine, bool) or mine is None or isinstance(mine, str):
+        if type(theirs) is not type(mine):
+            raise ValueError(f"{what} is a {type(theirs).__name__}, this job's a {type(mine).__name__}")
+    elif isinstance(mine, (int, float)) and (
+        isinstance(theirs, bool) or not isinstance(theirs, (int, float))
+    ):
+        raise ValueError(f"{what} is a {type(theirs).__name__}, not a number")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from train import config, rng
@@ -16,7 +17,7 @@ from train.errors import ConfigError
 from train.loader import Batches
 from train.runtime import comm
 from train.runtime.dist import DistEnv
-from train.runtime.private import Untrusted, private_dir
+from train.runtime.private import Untrusted, trusted_tree
 from train.sampler import BatchPlan
 from train.state import TrainState
 from train.task import Task, collate
@@ -39,20 +40,35 @@ def build_optimizer(model: torch.nn.Module, cfg: config.OptimConfig) -> torch.op
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
+def compile_cache(cfg: config.Config) -> None:
+    """With --compile, before anything of torch's asks for its cache (torch then fixes it for the
+    process): compiled code is loaded from there, so nobody else may write it, nor swap it or a
+    directory above it. Inductor's default, /tmp/torchinductor_<user>, another user could create
+    first; a preset TORCHINDUCTOR_CACHE_DIR is held to the same rule."""
+    if not cfg.compile:
+        return
+    preset = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if preset and Path(preset) == Path(default_cache_dir()).absolute():
+        preset = None  # torch's own default, set by torch itself once something asked for it
+    cache = Path(preset) if preset else Path(cfg.data.cache_dir).expanduser() / "inductor"
+    try:
+        trusted_tree(cache, create=not preset)
+    except (Untrusted, OSError) as e:
+        where = "TORCHINDUCTOR_CACHE_DIR" if preset else "--data.cache-dir"
+        raise ConfigError(f"--compile: {e}; point {where} at a directory of your own") from None
+    try:  # torch 2.13 keeps its precompiled headers there whatever TORCHINDUCTOR_CACHE_DIR says
+        trusted_tree(Path(default_cache_dir()), create=True)
+    except (Untrusted, OSError) as e:
+        raise ConfigError(f"--compile: {e}; remove it, or set TMPDIR to a directory of your own") from None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+
+
 def wrap(model: torch.nn.Module, cfg: config.Config, env: DistEnv) -> torch.nn.Module:
     """The model the steps run: DDP across ranks, then compiled if asked (DDP's graph breaks at
     its buckets). Checkpoints keep the plain module's names: the state holds ``model`` itself."""
     if env.backend:
         model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if cfg.compile:
-        # Inductor's default cache is /tmp/torchinductor_<user>, which another user could create first.
-        cache = Path(cfg.data.cache_dir).expanduser() / "inductor"
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            private_dir(cache, create=True)  # compiled code is loaded from it: it must be ours alone
-        except Untrusted as e:
-            raise ConfigError(f"--compile: {e}; set --data.cache-dir to a directory of your own") from None
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
         model = torch.compile(model)
     return model
 

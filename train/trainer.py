@@ -17,12 +17,20 @@ from train.errors import EXIT_PREEMPTED
 from train.loader import Batches
 from train.observe.metrics import Metrics
 from train.runtime import dist as distributed
-from train.runtime import faults, preempt, warmstart
+from train.runtime import faults, preempt, private, warmstart
 from train.runtime.dist import DistEnv
 from train.runtime.watchdog import Watchdog
 from train.sampler import GlobalSampler, plan_batches
 from train.state import TrainState
-from train.step import build_optimizer, evaluate, lr_schedule, train_step, warm_up_buckets, wrap
+from train.step import (
+    build_optimizer,
+    compile_cache,
+    evaluate,
+    lr_schedule,
+    train_step,
+    warm_up_buckets,
+    wrap,
+)
 from train.task import Task, load_task
 
 log = logging.getLogger("train")
@@ -44,7 +52,9 @@ def build(cfg: config.Config, env: DistEnv) -> tuple[Task, TrainState]:
 
 def write_config(cfg: config.Config, run_dir: Path) -> None:
     try:
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(cfg), indent=2) + "\n")
+        private.write_replace(
+            run_dir / "config.json", (json.dumps(config.to_dict(cfg), indent=2) + "\n").encode()
+        )
     except OSError as e:  # a full disk: the checkpoint policy reports it, this is no reason to stop
         log.warning("config.json not written: %s", e.strerror or e)
 
@@ -55,6 +65,7 @@ def train(cfg: config.Config, env: DistEnv) -> int:
     plan = plan_batches(cfg.global_batch_size, env.world_size, cfg.micro_batch_size)
     if env.is_main:
         write_config(cfg, run_dir)
+    compile_cache(cfg)
     task, state = build(cfg, env)
     with ExitStack() as stack:
         metrics = stack.enter_context(

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from chaos.checks import all_valid, committed, compare, exit_record, rows, temporaries
-from chaos.harness import Job, Row, Session, Trial, kill_ours, tail, training_processes
+from chaos.harness import Job, Row, Session, Target, Trial, kill_ours, scan, tail, training_processes
 from chaos.squatter import Squat
 
 # Steps take ~30 ms and every checkpoint file 5 ms longer to write: with --ckpt.interval 2 a save
@@ -21,6 +21,7 @@ FIRST_KILL_S = 5.0  # the first kill of a run: U(0, this) after torchrun starts 
 GAP_S = 2.0  # later kills: U(0, this) after the job is training again...
 STARTUP_SHARE = 0.25  # ...or, this often, U(0, STARTUP_GAP_S) after the restarted workers appear
 STARTUP_GAP_S = 1.0
+ZYGOTE_SHARE = 0.1  # of the kills that could hit a warm attempt: its zygote instead (its trainers go too)
 RUN_TIMEOUT_S = 420
 
 
@@ -45,6 +46,11 @@ def kill_one(job: Job, run_dir: Path, rng, after_restart: int) -> Kill | None:
             time.sleep(0.02)
             continue
         target = rng.choice(targets)
+        warm = [t for t in targets if t.warm]
+        if warm and rng.random() < ZYGOTE_SHARE:  # its trainers die with it: a warm attempt fails
+            zygote = scan(job.tag).get(rng.choice(warm).pid)
+            if zygote is not None:
+                target = Target(zygote.ppid, -1, target.restart, True)
         newest = (committed(run_dir) or [None])[0]
         saving = bool(temporaries(run_dir))
         found = rows(run_dir)
@@ -151,7 +157,7 @@ def run_family_sigkill(s: Session, trials: int) -> Row:
     args_of = lambda d: s.args(d, ckpt__interval=2)  # noqa: E731
     reference = s.reference(args_of(s.root / "x"))
     phases: dict[str, int] = {}
-    ranks = [0, 0]
+    ranks = {0: 0, 1: 0, -1: 0}  # -1: a zygote
     warm = runs = warm_restarts = 0
     recovery: list[float] = []
     while len(row.trials) < trials:
@@ -196,7 +202,9 @@ def run_family_sigkill(s: Session, trials: int) -> Row:
             row.trials.append(Trial(not why, why, n, identical))
     row.notes.append(f"{runs} torchrun runs, ckpt every 2 steps")
     row.notes.append("kills in " + ", ".join(f"{v} {k}" for k, v in sorted(phases.items())))
-    row.notes.append(f"rank0/rank1 {ranks[0]}/{ranks[1]}, {warm} of them forked trainers")
+    row.notes.append(
+        f"rank0/rank1/zygote {ranks[0]}/{ranks[1]}/{ranks[-1]}, {warm} of them forked trainers or a zygote"
+    )
     row.notes.append(f"{warm_restarts // 2} warm restarts")
     if recovery:
         row.notes.append(

@@ -208,11 +208,18 @@ class Job:
             time.sleep(0.02)
 
     def wait(self) -> int | None:
-        """The exit code, or None if it ran past its timeout (then it and all it started are killed)."""
+        """The exit code, or None if it ran past its timeout (then it and all it started are killed).
+        Whatever it started that outlives it by LEFTOVER_S (a trainer, a zygote, a DataLoader
+        worker) is noted in LEFTOVERS before it is killed."""
         try:
             self.proc.wait(timeout=max(self.deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             self.timed_out = True
+        if not self.timed_out:
+            gone_by = time.monotonic() + LEFTOVER_S
+            while (left := scan(self.tag)) and time.monotonic() < gone_by:
+                time.sleep(0.2)
+            LEFTOVERS.extend(f"pid {p.pid} ({p.cmd[:100]}) outlived its job" for p in left.values())
         self.stop()
         return None if self.timed_out else self.proc.returncode
 
@@ -237,6 +244,8 @@ class Job:
         return time.monotonic() - self.started
 
 
+LEFTOVER_S = 10.0
+LEFTOVERS: list[str] = []  # processes that outlived their job, until a family reports them
 SESSION_TAG = f"chaos-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 _live_jobs: set[str] = set()
 

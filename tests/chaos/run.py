@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from chaos import fam_input, fam_kill, fam_stop, fam_storage
+from chaos import fam_input, fam_kill, fam_stop, fam_storage, fam_untrusted, harness
 from chaos.harness import Row, Session, Trial
 
 # family -> (runner, trials for a given CHAOS_TRIALS)
@@ -37,6 +37,8 @@ FAMILIES: dict[str, tuple[Callable[[Session, int], Row], Callable[[int], int]]] 
     "hung-save": (fam_storage.run_family_hung_save, lambda n: max(2, n // 20)),
     "squatter": (fam_kill.run_family_squatter, lambda n: max(2, n // 20)),
     "bad-input": (fam_input.run_family_bad_input, lambda n: max(len(fam_input.CASES), n // 20)),
+    "untrusted": (fam_untrusted.run_family_untrusted, lambda n: max(4, n // 25)),
+    "io-error": (fam_untrusted.run_family_io_error, lambda n: max(2, n // 20)),
 }
 
 
@@ -74,6 +76,8 @@ def run_families(
             except Exception as e:  # a harness problem: reported as a failed trial, the rest goes on
                 row = Row(name, [Trial(False, f"{type(e).__name__}: {e}")])
             row.notes.append(f"{time.monotonic() - started:.0f} s")
+            row.trials += [Trial(False, f"{name}: {leak}") for leak in harness.LEFTOVERS]
+            harness.LEFTOVERS.clear()
             out.append(row)
             if progress is not None:
                 skipped = f" (skipped: {row.skipped})" if row.skipped else ""

@@ -171,3 +171,35 @@ def test_etcd_rendezvous_survives_the_loss_of_the_first_node(corpus: Path, tmp_p
     assert [r["step"] for r in after] == list(range(resume["step"] + 1, steps + 1))
     alone = after[0]["time"]
     print(f"\netcd rendezvous, first node lost: kill -> first step at world size 1 in {alone - killed:.1f} s")
+
+
+FORGE = """
+import json, sys, time
+from launch import verdict
+opened = verdict._open("c10d", sys.argv[1], sys.argv[2], timeout_s=30)
+store = opened[1]
+forged = {"code": 2, "reason": "forged", "node": "attacker", "time": time.time()}
+store.set(verdict._key(sys.argv[2]), json.dumps(forged))
+print("forged", flush=True)
+"""
+
+
+def test_a_forged_verdict_does_not_end_a_job_with_a_secret(corpus: Path, tmp_path: Path) -> None:
+    """Anyone who reaches the rendezvous store can write the job's verdict key; with
+    FTJOB_JOB_SECRET the launchers ignore one it did not sign (one warning) and the job finishes."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = tiny_args(tmp_path / "{node}" / "run", corpus, max_steps=100, ckpt__interval=20)
+    env = {"FTJOB_JOB_SECRET": "s3cr3t-of-this-job", "FTJOB_FAULT": "slow:ms=50:restart=any"}
+    with nodes() as started:
+        first, second = start_two(started, tmp_path, endpoint, "c10d", "2", ("a", "b"), args, env)
+        wait_for("training", lambda: (tmp_path / "a" / "run" / "metrics.jsonl").exists(), timeout=120)
+        forger = subprocess.run(
+            [sys.executable, "-c", FORGE, endpoint, f"job-{tmp_path.name}"],
+            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "forged" in forger.stdout, forger.stderr[-2000:]
+        assert first.wait(timeout=180) == 0, first.text()[-3000:]
+        assert second.wait(timeout=60) == 0, second.text()[-3000:]
+    said = first.text() + second.text()
+    assert "ignoring a verdict in the rendezvous store" in said
+    assert max(r["step"] for r in metrics_rows(tmp_path / "a" / "run") if r["kind"] == "train") == 100

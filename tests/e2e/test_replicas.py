@@ -136,3 +136,53 @@ def test_losing_rank_0s_node_and_its_disk_resumes_from_the_other_nodes_copy(
             kill_tree(proc)
         store.kill()
         store.wait()
+
+
+@pytest.mark.parametrize("shared", ["run-dir", "ckpt-dir"])
+def test_shared_storage_is_detected_where_checkpoints_go(corpus: Path, tmp_path: Path, shared: str) -> None:
+    """A shared run dir with a node-local --ckpt.dir: every node writes its own copy. Node-local run
+    dirs with a shared --ckpt.dir: rank 0 alone writes it (two writers of one step would collide)."""
+    port, steps = free_port(), 12
+    store = subprocess.Popen([sys.executable, "-c", STORE, str(port)], stdout=subprocess.PIPE, text=True)
+    agents: list[subprocess.Popen] = []
+    try:
+        assert store.stdout is not None and store.stdout.readline().strip() == "ready"
+        run_dirs = (
+            [tmp_path / "shared-run"] * 2 if shared == "run-dir" else [tmp_path / f"run{i}" for i in range(2)]
+        )
+        ckpt_dirs = (
+            [tmp_path / "shared-ckpt"] * 2
+            if shared == "ckpt-dir"
+            else [tmp_path / f"ckpt{i}" for i in range(2)]
+        )
+        agents = [
+            agent(
+                [
+                    *tiny_args(
+                        run_dirs[i], corpus, max_steps=steps, ckpt__interval=4, ckpt__dir=ckpt_dirs[i]
+                    ),
+                    "--data.cache-dir",
+                    str(tmp_path / "cache"),
+                ],
+                port,
+                tmp_path / f"agent{i}.log",
+            )
+            for i in range(2)
+        ]
+        codes = [proc.wait(timeout=180) for proc in agents]
+        logs = [(tmp_path / f"agent{i}.log").read_text() for i in range(2)]
+        assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+        said = "".join(logs)
+        if shared == "ckpt-dir":
+            assert "the nodes share" in said and "is not shared" not in said
+            assert "ENOTEMPTY" not in said and "checkpoint save failed" not in said
+            assert checkpoint_steps(tmp_path, "shared-ckpt") == [4, 8, 12]
+        else:
+            assert "is not shared" in said
+            for i in range(2):  # each node its own copy of every checkpoint
+                assert checkpoint_steps(tmp_path, f"ckpt{i}") == [4, 8, 12]
+    finally:
+        for proc in agents:
+            kill_tree(proc)
+        store.kill()
+        store.wait()

@@ -110,3 +110,21 @@ def test_a_full_disk_is_one_clear_permanent_stop_not_a_crash_loop(
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp-")]
     assert {r.get("restart") for r in metrics_rows(run_dir) if r["kind"] == "train"} == {0}
     assert "train/ckpt" not in result.stderr  # no traceback from the save path (torchrun prints its own)
+
+
+def test_a_slow_store_and_a_failed_save_never_hold_the_other_ranks_in_a_collective(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """Every listing of the store takes 3 s, longer than the collective timeout (2 s): the space
+    check before a save, retention, and the report of a save that failed (EIO) all run on the
+    writer's thread, never while the other rank waits in the step's all-reduce."""
+    run_dir = tmp_path / "run"
+    args = tiny_args(run_dir, corpus, max_steps=25, ckpt__interval=5, dist__timeout_s=2)
+    faults = "slow_list:ms=3000:restart=any;fail_write:save_step=5;slow:ms=20:restart=any"
+    result = run_torchrun(args, env={"FTJOB_FAULT": faults})
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed = [line for line in result.stderr.splitlines() if "checkpoint save failed" in line]
+    assert len(failed) == 1 and "I/O error writing a checkpoint file" in failed[0], failed
+    assert "retrying at the next interval (1 of 3" in failed[0]
+    assert checkpoints(run_dir)[0] == (25, True)
+    assert len([r for r in metrics_rows(run_dir) if r["kind"] == "checkpoint_failed"]) == 1

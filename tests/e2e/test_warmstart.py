@@ -154,11 +154,28 @@ def test_signals_reach_the_trainer_and_sigkill_of_the_worker_takes_it_down(
     assert proc.returncode == -signal.SIGKILL  # the trainer's death by signal, as torchrun would see it
 
 
+def test_a_trainer_holding_the_gil_dies_with_its_worker(
+    zygote: subprocess.Popen, corpus: Path, tmp_path: Path
+) -> None:
+    """A trainer stuck in C with the GIL held (as a deadlock in a destructor during teardown is)
+    runs no Python thread again: the zygote, not the trainer, kills it when its worker goes."""
+    run_dir = tmp_path / "run"
+    proc = worker(tiny_args(run_dir, corpus, max_steps=100), FTJOB_FAULT="hold_gil:step=3:restart=any")
+    trainer = trainer_of(zygote)
+    wait_for_step(run_dir, 3)
+    time.sleep(0.5)  # holding it now
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert wait_gone(trainer, 5), "a trainer outlived its SIGKILLed worker"
+    assert zygote.poll() is None
+
+
 def test_only_children_of_the_agent_are_served(zygote: subprocess.Popen) -> None:
     # A process that is not the agent's child but knows the address: it must be turned away.
     impostor = (
         f"import os, sys; sys.path.insert(0, {str(REPO)!r}); os.getppid = lambda: {os.getpid()}; "
-        f"sys.argv = [{MAIN!r}, '--help']; from train import warmstart; warmstart.handoff(); print('cold')"
+        f"sys.argv = [{MAIN!r}, '--help']; from train.runtime import warmstart; "
+        "warmstart.handoff(); print('cold')"
     )
     env = {**os.environ, "TORCHELASTIC_RUN_ID": "warmstart-test"}
     out = subprocess.run(

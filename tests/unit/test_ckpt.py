@@ -16,6 +16,7 @@ from torch import nn
 
 from train import rng
 from train.checkpointing.snapshot import Snapshots, restore
+from train.ckpt import fs as fs_mod
 from train.ckpt import manifest as mf
 from train.ckpt import storage as storage_mod
 from train.ckpt.manager import CheckpointManager, decode
@@ -514,7 +515,7 @@ def test_failed_write_leaves_no_checkpoint_and_the_previous_intact(tmp_path, mon
     m = manager(tmp_path, keep=1)
     save_steps(m, 1)
     before = snapshot_tree(tmp_path / "step_00000001")
-    pending_cls = storage_mod._LocalPendingWrite
+    pending_cls = fs_mod.LocalPendingWrite
 
     if fail_at == "commit":
 

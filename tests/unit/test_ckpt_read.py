@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from train.ckpt import fs as fs_mod
 from train.ckpt import manifest as mf
 from train.ckpt import storage as storage_mod
 from train.ckpt.storage import DELETE_PREFIX, TMP_PREFIX, LocalStorage
@@ -138,7 +139,7 @@ def test_without_flock_only_temporaries_idle_for_an_hour_are_removed(tmp_path, m
     def no_flock(fd, op):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(storage_mod.fcntl, "flock", no_flock)
+    monkeypatch.setattr(fs_mod.fcntl, "flock", no_flock)
     storage = LocalStorage(tmp_path)
     pending = storage.begin("step_00000001")  # writes without a lock
     pending.write("a", b"1")

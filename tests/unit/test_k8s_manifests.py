@@ -54,17 +54,41 @@ def validate_pytorchjob(job: dict, schema: dict) -> None:
 
 def test_batch_job_manifest_is_valid_core_api() -> None:
     found = docs(K8S / "job.yaml")
-    assert set(found) == {"Service", "Job", "PersistentVolumeClaim"}
+    assert set(found) == {"Service", "Job", "PersistentVolumeClaim", "NetworkPolicy"}
     for doc in found.values():
         kv.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_pytorchjob_manifest_is_valid_against_the_operators_crd(pytorchjob_schema: dict) -> None:
     found = docs(K8S / "pytorchjob.yaml")
-    assert set(found) == {"PyTorchJob", "PersistentVolumeClaim"}
+    assert set(found) == {"PyTorchJob", "PersistentVolumeClaim", "NetworkPolicy"}
     assert found["PyTorchJob"]["apiVersion"] == "kubeflow.org/v1"
     validate_pytorchjob(found["PyTorchJob"], pytorchjob_schema)
     kv.validate(found["PersistentVolumeClaim"], K8S_VERSION, strict=True)
+    kv.validate(found["NetworkPolicy"], K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "label"),
+    [("job.yaml", "batch.kubernetes.io/job-name"), ("pytorchjob.yaml", "training.kubeflow.org/job-name")],
+)
+def test_only_the_jobs_own_pods_reach_its_pods_and_its_keys_are_signed(manifest: str, label: str) -> None:
+    """The NetworkPolicy selects the job's pods (by the label the Job controller / the operator puts
+    on them) and admits ingress from those pods alone; every pod gets the job's secret."""
+    found = docs(K8S / manifest)
+    job = found.get("Job") or found["PyTorchJob"]
+    name = job["metadata"]["name"]
+    policy = found["NetworkPolicy"]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {label: name}} and policy["policyTypes"] == ["Ingress"]
+    assert policy["ingress"] == [{"from": [{"podSelector": {"matchLabels": {label: name}}}]}]
+    template = (
+        job["spec"]["template"]
+        if "template" in job["spec"]
+        else job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+    )
+    (container,) = template["spec"]["containers"]
+    (secret,) = [e for e in container["env"] if e["name"] == "FTJOB_JOB_SECRET"]
+    assert secret["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_the_validation_catches_mistakes(pytorchjob_schema: dict) -> None:

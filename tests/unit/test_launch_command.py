@@ -127,3 +127,23 @@ def test_cpp_store_warnings_are_dropped_only_after_a_permanent_error() -> None:
     after = b"W1202 08:02:29.78 api.py:1028] Sending process 19113 closing signal SIGTERM\n"
     assert shown([warning + after], quiet=True) == after
     assert shown([warning + after], quiet=False) == warning + after
+
+
+def test_every_world_size_of_the_elastic_range_is_checked_before_the_rendezvous() -> None:
+    from train import preflight
+    from train.errors import ConfigError
+
+    assert command._world_sizes("1:3", "4") == (4, 8, 12)
+    assert command._world_sizes("2", "8") == (16,)
+    assert command._world_sizes("1:2", "gpu") == ()  # known only on the node
+    cfg = config.parse(["--global-batch-size", "24"])
+    preflight.check_world_sizes(cfg, (4, 8, 12, 24))  # 24 splits over each
+    with pytest.raises(
+        ConfigError, match=r"world size\(s\) 16, which the elastic range allows; use a multiple of 48"
+    ):
+        preflight.check_world_sizes(cfg, (8, 16, 24))
+    assert command.plan(["--nnodes=1:3", "--nproc-per-node=4", "--rdzv-endpoint=h:1"], []).world_sizes == (
+        4,
+        8,
+        12,
+    )

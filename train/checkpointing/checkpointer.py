@@ -38,9 +38,10 @@ from train.checkpointing.policy import SavePolicy
 from train.checkpointing.resume import Resumed, resume
 from train.checkpointing.snapshot import Snapshots
 from train.ckpt.manager import CheckpointManager
-from train.ckpt.objstore import FsspecStorage, open_storage
+from train.ckpt.objstore import FsspecStorage, is_url, open_storage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import StorageError
+from train.runtime import private
 from train.runtime.dist import DistEnv
 from train.state import CKPT_FILES, TrainState
 
@@ -64,7 +65,11 @@ class Checkpointer:
         storage = open_storage(config.ckpt_dir(cfg))
         self.manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
         # One bucket prefix is one directory every node sees: written by rank 0 alone, as a shared one.
-        self.layout = replicas.layout(self.run_dir, env, remote=isinstance(storage, FsspecStorage))
+        remote = isinstance(storage, FsspecStorage)
+        where = self.run_dir if remote else Path(config.ckpt_dir(cfg))  # where checkpoints go
+        self.layout = replicas.layout(where, env, remote=remote)
+        if self.layout.writes:
+            _warn_if_shared(self.run_dir, self.manager)
         self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes)
         # Always a background thread: with --ckpt.async false each save is waited for at once,
         # but in short shared waits (see the module docstring).
@@ -173,3 +178,18 @@ class Checkpointer:
             self._settle()
         if copy is not None and writer is not None:
             self.events("checkpoint", step=step, stall_s=writer.stall_s, tier="local")
+
+
+def _warn_if_shared(run_dir: Path, manager: CheckpointManager) -> None:
+    """One line at start if other users could add entries where this job keeps its checkpoints:
+    what they add is never read nor deleted (train/ckpt/storage.py), but they could fill the disk."""
+    root = manager.storage.location("")
+    for where in (run_dir, *([] if is_url(root) else [Path(root)])):
+        why = private.others_can_write(where)
+        if why:
+            log.warning(
+                "%s can be written by other users (%s): their files there are ignored, but make it "
+                "private (chmod go-w) or use a --run-dir / --ckpt.dir of your own",
+                where,
+                why,
+            )

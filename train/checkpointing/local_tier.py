@@ -35,6 +35,7 @@ from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
+from train.runtime import private
 from train.runtime.private import Untrusted, private_dir
 from train.state import CKPT_FILES
 
@@ -48,19 +49,14 @@ MAX_FAILURES = 3
 def run_id(run_dir: Path, create: bool) -> str | None:
     """This run's id, made at its first start if asked (one per run directory)."""
     path = run_dir / RUN_ID_FILE
-    try:
-        found = path.read_text().strip()
-        if re.fullmatch(r"[0-9a-f]{32}", found):
-            return found
-    except FileNotFoundError:
-        pass
+    found = (private.read_regular(path, 64) or b"").decode(errors="replace").strip()
+    if re.fullmatch(r"[0-9a-f]{32}", found):
+        return found
     if not create:
         return None
     new = uuid.uuid4().hex
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f"{RUN_ID_FILE}.{new}"
-    tmp.write_text(new + "\n")
-    os.replace(tmp, path)
+    private.write_replace(path, (new + "\n").encode())
     return new
 
 

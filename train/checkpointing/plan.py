@@ -39,6 +39,7 @@ class Report:
     node: int
     copies: tuple[Copy, ...] = ()
     last_logged: int = 0  # the newest step the run's record shows
+    unlisted: str = ""  # why a tier of this rank could not be listed at all ("": every tier was)
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self)).encode()
@@ -46,7 +47,8 @@ class Report:
     @staticmethod
     def decode(raw: bytes) -> Report:
         data = json.loads(raw)
-        return Report(data["node"], tuple(Copy(**c) for c in data["copies"]), data["last_logged"])
+        copies = tuple(Copy(**c) for c in data["copies"])
+        return Report(data["node"], copies, data["last_logged"], data.get("unlisted", ""))
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import errno
 import logging
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from train.checkpointing.boundary import Agreement
@@ -45,6 +46,14 @@ def free_bytes(path: Path) -> int | None:
     return None
 
 
+@dataclass(frozen=True)
+class Disk:
+    root: str
+    free: int | None  # None: cannot be known (a bucket)
+    held: int  # bytes in checkpoints
+    newest: str  # the newest valid checkpoint, in words
+
+
 class SavePolicy:
     """The durable tier's saves as seen by one rank (only a writing rank ever has anything to say)."""
 
@@ -54,60 +63,63 @@ class SavePolicy:
         self.gave_up = False
         self._committed = writer.last_committed
         self._size: int | None = None  # bytes of one checkpoint, known at the first save
+        self._seen = Disk(writer.manager.storage.location(""), None, 0, "unknown")
         self._last_error = ""
         self.on_failure: Callable[[str], object] = lambda line: None  # each failed save, in one line
 
-    # -- space ---------------------------------------------------------------------------------------
+    # -- space (asked on the writer's thread: a slow store never holds the step loop) ---------------
     def _free(self) -> int | None:
         root = self.manager.storage.location("")
         return None if is_url(root) else free_bytes(Path(root))  # a bucket has no "free space"
 
-    def _disk(self) -> tuple[str, int | None, int]:
-        """(where checkpoints go, free bytes there or None, bytes held by its checkpoints): read once."""
+    def _look(self) -> Disk:
+        """Where checkpoints go, the free bytes there, the bytes its checkpoints hold and the
+        newest valid one: one listing, remembered for the lines said on the main thread."""
         try:
-            held = sum(i.size for i in self.manager.list())
-        except OSError:
-            held = 0
-        return self.manager.storage.location(""), self._free(), held
+            infos = self.manager.list()
+            held = sum(i.size for i in infos)
+            newest = next((f"step {i.step}" for i in infos if i.valid), "none")
+        except OSError:  # the store that fails saves may not answer a listing either
+            held, newest = 0, "unknown (the store does not answer)"
+        self._seen = Disk(self.manager.storage.location(""), self._free(), held, newest)
+        return self._seen
 
-    def _space(self, disk: tuple[str, int | None, int] | None = None) -> str:
-        root, free, existing = disk or self._disk()
-        size = self._size or 0
+    def _space(self) -> str:
+        disk, size = self._seen, self._size or 0
         need = (self.cfg.keep + 1) * size
-        have = "free space unknown" if free is None else f"{_mb(free)} free + {_mb(existing)} in checkpoints"
+        have = (
+            "free space unknown"
+            if disk.free is None
+            else f"{_mb(disk.free)} free + {_mb(disk.held)} in checkpoints"
+        )
         return (
             f"a checkpoint is {_mb(size)}; --ckpt.keep {self.cfg.keep} needs ({self.cfg.keep} + 1) x "
-            f"{_mb(size)} = {_mb(need)} on {root}; {have}"
+            f"{_mb(size)} = {_mb(need)} on {disk.root}; {have}"
         )
 
     def _newest(self) -> str:
-        try:
-            step = next((i.step for i in self.manager.list() if i.valid), None)
-        except OSError:  # the store that failed the save may not answer a listing either
-            step = self.writer.last_committed
-            return f"step {step} (as last committed; the store does not answer)" if step else "unknown"
-        return f"step {step}" if step is not None else "none"
+        committed = self.writer.last_committed
+        if committed is not None:
+            return f"step {committed}"
+        return self._seen.newest
 
     def before_save(self, size: int) -> None:
-        """On the writer, before a save is handed to its thread: the first time, say what the run
+        """On the writer's thread, before anything is written: the first time, say what the run
         needs; every time, refuse a save that cannot fit (it would only fill the disk and fail)."""
         first, self._size = self._size is None, size
+        disk = self._look()
         if first:
-            disk = self._disk()
-            _, free, existing = disk
-            short = free is not None and free + existing < (self.cfg.keep + 1) * size
+            short = disk.free is not None and disk.free + disk.held < (self.cfg.keep + 1) * size
             (log.warning if short else log.info)(
                 "checkpoint space: %s%s",
-                self._space(disk),
+                self._space(),
                 "; not enough: saves will fail once the disk fills (free space, lower --ckpt.keep "
                 "or move --run-dir)"
                 if short
                 else "",
             )
-        else:
-            free = self._free()
-        if free is not None and free < size:
-            raise OSError(errno.ENOSPC, f"only {_mb(free)} free for a {_mb(size)} checkpoint")
+        if disk.free is not None and disk.free < size:
+            raise OSError(errno.ENOSPC, f"only {_mb(disk.free)} free for a {_mb(size)} checkpoint")
 
     # -- the boundary ---------------------------------------------------------------------------------
     def report(self, final: bool = False) -> Agreement:

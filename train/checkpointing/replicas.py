@@ -4,9 +4,9 @@ nothing crosses the network to write it, and losing any node (the one with globa
 included) loses no checkpoint. At every start the ranks agree on the newest valid checkpoint that
 exists on *any* node; the nodes that do not hold it receive it from one that does.
 
-Nodes that share the run directory (a shared filesystem) are found out at start - each node's
-local rank 0 leaves a marker there and looks for the others' - and then only global rank 0
-writes, as on one node.
+Nodes that share the directory checkpoints go to (``--ckpt.dir``, else the run directory's
+checkpoints/: a shared filesystem) are found out at start - each node's local rank 0 leaves a
+marker there and looks for the others' - and then only global rank 0 writes, as on one node.
 """
 
 from __future__ import annotations
@@ -33,27 +33,25 @@ class Layout:
     local_writes: bool  # this rank writes (and reads) its node's node-local tier
 
 
-def layout(run_dir: Path, env: DistEnv, remote: bool = False) -> Layout:
+def layout(root: Path, env: DistEnv, remote: bool = False) -> Layout:
     """Collective on multi-node runs: who writes checkpoints, and whether the nodes share them.
     ``remote``: the durable checkpoints are in object storage - one place every node sees, written
     by global rank 0 alone - while each node still keeps its own node-local tier."""
-    nodes = _nodes(run_dir, env)
+    nodes = _nodes(root, env)
     if remote:
         return Layout(env.rank == 0, True, nodes.local_writes)
     return nodes
 
 
-def _nodes(run_dir: Path, env: DistEnv) -> Layout:
+def _nodes(root: Path, env: DistEnv) -> Layout:
     if not env.multi_node:
         return Layout(env.rank == 0, True, env.rank == 0)
-    marker = run_dir / f".node-{uuid.uuid4().hex}" if env.local_rank == 0 else None
+    marker = root / f".node-{uuid.uuid4().hex}" if env.local_rank == 0 else None
     if marker is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
         marker.touch()
     names = [n.decode() for n in comm.all_gather_bytes(marker.name.encode() if marker else b"", env.device)]
-    sees_another = marker is not None and any(
-        n and n != marker.name and (run_dir / n).exists() for n in names
-    )
+    sees_another = marker is not None and any(n and n != marker.name and (root / n).exists() for n in names)
     shared = torch.tensor([float(sees_another)], device=env.device)
     dist.all_reduce(shared)  # after every node has looked: the markers may go
     if marker is not None:
@@ -61,8 +59,8 @@ def _nodes(run_dir: Path, env: DistEnv) -> Layout:
             marker.unlink()
     if shared.item() > 0:
         if env.rank == 0:
-            log.info("the nodes share the run directory: rank 0 alone writes checkpoints")
+            log.info("the nodes share %s: rank 0 alone writes checkpoints", root)
         return Layout(env.rank == 0, True, env.rank == 0)
     if env.rank == 0:
-        log.info("each node keeps its own copy of every checkpoint (run directories not shared)")
+        log.info("each node keeps its own copy of every checkpoint (%s is not shared)", root)
     return Layout(env.local_rank == 0, False, env.local_rank == 0)

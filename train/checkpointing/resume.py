@@ -35,13 +35,14 @@ from train.ckpt.decoder import Decoder
 from train.ckpt.manager import CheckpointManager, decode
 from train.ckpt.manifest import Problem
 from train.ckpt.objstore import open_storage
-from train.errors import IncompatibleCheckpointError
+from train.errors import IncompatibleCheckpointError, StorageError
 from train.observe import records
 from train.runtime import comm
 from train.runtime.dist import DistEnv
 from train.state import CKPT_FILES, TrainState
 
 log = logging.getLogger("train")
+RECORD_TAIL = 16 << 20  # of metrics.jsonl: the newest step logged is near its end
 Objects = dict[str, Any]  # a checkpoint's files, decoded
 
 
@@ -62,46 +63,65 @@ def _digest(entries: dict) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _listed(managers: list[CheckpointManager | None]) -> tuple[Copy, ...]:
+def _listed(managers: list[CheckpointManager | None]) -> tuple[tuple[Copy, ...], str]:
     """Every checkpoint in every tier this rank reads (None: a tier it does not), newest first;
     those whose manifest or sizes do not check out carry the problem (never chosen, only
-    reported as skipped)."""
-    found = []
+    reported as skipped). And why a tier could not be listed at all ("": all were)."""
+    found: list[Copy] = []
     for tier, manager in enumerate(managers):
         if manager is None:
             continue
+        try:
+            found += _tier(tier, manager)
+        except OSError as e:  # the root itself: which checkpoints exist is unknown
+            return (), f"cannot list {manager.storage.location('')}: {e.strerror or e}"
+    return tuple(sorted(found, key=lambda c: (-c.step, c.tier))), ""
+
+
+def _tier(tier: int, manager: CheckpointManager) -> list[Copy]:
+    try:
         removed = manager.storage.clean_temporaries()
-        if removed:
-            log.info(
-                "removed %d leftover temporary checkpoint dir(s) from an interrupted write in %s",
-                len(removed),
-                manager.storage.location(""),
-            )
-        for info in manager.list():
-            location = manager.storage.location(info.name)
-            if not info.valid:
-                log.warning(
-                    "checkpoint %s is not usable (%s); trying the next older one", location, info.reason
-                )
-                found.append(Copy(tier, info.name, info.step, location, problem=info.reason))
-                continue
-            try:
-                manifest = manager.manifest(info.name)
-            except Problem:
-                continue  # changed since listed
-            entries = manifest["files"]
-            fingerprint = manifest.get("fingerprint")
-            found.append(Copy(tier, info.name, info.step, location, _digest(entries), fingerprint, entries))
-    return tuple(sorted(found, key=lambda c: (-c.step, c.tier)))
+    except OSError as e:  # leftovers stay for the next start; they are never read
+        log.warning("could not remove leftover temporaries in %s: %s", manager.storage.location(""), e)
+        removed = []
+    if removed:
+        log.info(
+            "removed %d leftover temporary checkpoint dir(s) from an interrupted write in %s",
+            len(removed),
+            manager.storage.location(""),
+        )
+    found = []
+    for info in manager.list():
+        location = manager.storage.location(info.name)
+        if not info.valid:
+            log.warning("checkpoint %s is not usable (%s); trying the next older one", location, info.reason)
+            found.append(Copy(tier, info.name, info.step, location, problem=info.reason))
+            continue
+        try:
+            manifest = manager.manifest(info.name)
+        except (Problem, OSError):
+            continue  # changed (or failed) since listed
+        entries = manifest["files"]
+        found.append(
+            Copy(tier, info.name, info.step, location, _digest(entries), manifest.get("fingerprint"), entries)
+        )
+    return found
+
+
+INCOMPATIBLE = "incompatible: "  # an outcome every rank turns into the same permanent error
 
 
 def _check(state: TrainState, entries: dict, objects: Objects) -> None:
+    """Problem unless every part of the checkpoint fits this job: nothing live is touched until
+    every rank's copy passed (a half-done restore could not be undone)."""
     if set(objects) != set(entries):
         raise Problem("it does not hold the files its manifest lists")
     try:
         snapshot.check(state, objects)
-    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-        raise Problem(f"its contents do not fit this job ({e})") from None
+    except IncompatibleCheckpointError as e:
+        raise Problem(f"{INCOMPATIBLE}{e}") from None
+    except Exception as e:  # whatever a crafted file makes the checks raise
+        raise Problem(f"its contents do not fit this job ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _load(
@@ -212,12 +232,19 @@ def resume(
     (default: the checkpoint directory's parent)."""
     run_dir = run_dir or Path(manager.storage.location("")).parent
     managers = [manager, *([local] if local is not None else [])]
-    mine = Report(
-        node=env.node,
-        copies=_listed([manager if reads else None, local]),
-        last_logged=records.last_step(records.read(run_dir)) if reads or local is not None else 0,
-    )
+    copies, unlisted = _listed([manager if reads else None, local])
+    reads_record = reads or local is not None
+    last_logged = records.last_step(records.read(run_dir, limit=RECORD_TAIL)) if reads_record else 0
+    mine = Report(env.node, copies, last_logged, unlisted)
     reports = [Report.decode(b) for b in comm.all_gather_bytes(mine.encode(), env.device)]
+    failed = next((r.unlisted for r in reports if r.unlisted), "")
+    if failed:  # every rank together: starting afresh could later prune the checkpoints unseen
+        raise StorageError(
+            f"{failed}; retrying (check the mount and its permissions)"
+            if unlisted
+            else "another rank cannot list its checkpoints (see its log)",
+            echo=bool(unlisted),
+        )
     failures = planner.Failures()
     received: set[int] = set()  # ranks that received (into their model) in any round
     while True:
@@ -238,6 +265,9 @@ def resume(
         outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
         if not any(outcomes):
             break
+        incompatible = next((o for o in outcomes if o.startswith(INCOMPATIBLE)), None)
+        if incompatible is not None:  # the same data and seed fail everywhere: not worth a fallback
+            raise IncompatibleCheckpointError(incompatible[len(INCOMPATIBLE) :], echo=env.rank == 0)
         objects = {}  # not two copies in memory during the next round
         for location, why in failures.add(plan, roles, outcomes):
             log.warning("checkpoint %s is not usable (%s); trying the next older one", location, why)

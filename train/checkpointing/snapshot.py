@@ -100,6 +100,8 @@ def check(state: TrainState, files: Files) -> None:
     saved = files[TRAIN_FILE].get("rng")
     if not isinstance(saved, list) or not saved:
         raise ValueError(f"{TRAIN_FILE} holds no RNG state")
+    for streams in saved:  # every rank's, so that every rank comes to the same verdict
+        rng.check(streams)
 
 
 def restore(state: TrainState, files: Files, rank: int, world_size: int, device: torch.device = CPU) -> None:

@@ -128,7 +128,10 @@ _DTYPES = {
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-_MAX_HEADER = 100 << 20  # safetensors' own limit
+# Far below safetensors' own 100 MiB: a header is parsed as JSON before anything is checked, and
+# parsing costs ~24x its size in memory. 16 MiB describes ~150k tensors.
+_MAX_HEADER = 16 << 20
+_MAX_DIM = 1 << 40  # no real tensor has a longer side; a zero-size shape must not make torch allocate
 
 
 def _header(data: bytes | bytearray | memoryview, size: int) -> tuple[dict, dict, int]:
@@ -154,7 +157,9 @@ def header_length(first8: bytes | bytearray | memoryview, size: int) -> int:
     """The JSON header's length, from a file's first 8 bytes; ValueError if a file of ``size``
     bytes cannot hold it."""
     header_len = int.from_bytes(first8, "little")
-    if header_len > min(size - 8, _MAX_HEADER):
+    if header_len > _MAX_HEADER:
+        raise ValueError(f"header length {header_len} is over the {_MAX_HEADER} bytes a header may have")
+    if header_len > size - 8:
         raise ValueError(f"header length {header_len} does not fit in {size} bytes")
     return header_len
 
@@ -164,7 +169,7 @@ def _is_int(x: object) -> bool:
 
 
 def _is_dim(x: object) -> bool:
-    return _is_int(x) and 0 <= x < 1 << 63
+    return _is_int(x) and 0 <= x <= _MAX_DIM
 
 
 @dataclass(frozen=True)
@@ -197,6 +202,8 @@ def layout(head: Buffer, size: int | None = None) -> tuple[list[Entry], dict[str
         # Bounded like torch's own sizes, so that checking the product below stays cheap.
         if not (isinstance(shape, list) and len(shape) <= 64 and all(_is_dim(d) for d in shape)):
             raise ValueError(f"tensor {name[:60]!r}: shape is not a list of sizes")
+        if math.prod(d for d in shape if d) > _MAX_DIM:  # also when a zero makes it empty
+            raise ValueError(f"tensor {name[:60]!r}: shape {str(shape)[:60]} is out of range")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_int, offsets))):
             raise ValueError(f"tensor {name[:60]!r}: data_offsets is not [start, end]")
         entries.append((offsets[0], offsets[1], name, dtype, shape))

@@ -154,6 +154,8 @@ class CheckpointManager:
             decode(self.read_verified(name)[1])
         except mf.Problem as p:
             return self._record(name, str(p))
+        except OSError as e:  # EIO, EACCES, ESTALE: this checkpoint is unusable, nothing more
+            return self._record(name, _io_error(e))
         return self._record(name, "")
 
     def list(self, deep: bool = False) -> list[CkptInfo]:
@@ -180,6 +182,8 @@ class CheckpointManager:
                     reason = self.verify(name)
             except mf.Problem as p:
                 reason = str(p)
+            except OSError as e:
+                reason = _io_error(e)
             if not isinstance(when, (int, float)) or isinstance(when, bool):
                 when = None
             out.append(CkptInfo(name, step, not reason, reason, size, when))
@@ -197,11 +201,14 @@ class CheckpointManager:
             loaded = Loaded(step, name, location, manifest, blobs, [], decode(blobs))
             if validate is not None:
                 validate(loaded)
-        except mf.Problem as p:
+        except (mf.Problem, OSError) as p:
+            problem = _io_error(p) if isinstance(p, OSError) else str(p)
             log.warning(
-                "checkpoint %s is not usable (%s); trying the next older one", self.storage.location(name), p
+                "checkpoint %s is not usable (%s); trying the next older one",
+                self.storage.location(name),
+                problem,
             )
-            self._record(name, str(p))
+            self._record(name, problem)
             return None
         self._record(name, "")
         return loaded
@@ -248,6 +255,14 @@ class CheckpointManager:
         self._retain()
         return name
 
+    def _retain(self) -> None:
+        """Retention after a commit: whatever goes wrong in it, the commit stands (and nothing
+        is deleted that was not already judged deletable)."""
+        try:
+            self._prune()
+        except OSError as e:
+            log.warning("checkpoint retention skipped this time: %s", _io_error(e))
+
     def _reread(self, name: str) -> str:
         """'' if what was just written reads back with the checksums of its manifest. Streamed
         where the storage can (no second copy of the checkpoint in memory); the contents were
@@ -264,11 +279,14 @@ class CheckpointManager:
             return self._record(name, str(p))
         return self._record(name, "")
 
-    def _retain(self) -> None:
+    def _prune(self) -> None:
         kept, oldest_kept = 0, None
         for step, name in self._steps():
             if kept >= self.keep:
-                self.storage.delete(name)
+                try:
+                    self.storage.delete(name)
+                except OSError as e:  # left for the next save's retention to try again
+                    log.warning("could not delete old checkpoint %s: %s", name, _io_error(e))
             elif self._still_valid(name):
                 kept, oldest_kept = kept + 1, step
         self._retain_set_aside(oldest_kept)
@@ -289,6 +307,11 @@ class CheckpointManager:
         if name not in self._verified and name not in self._failed:
             self.verify(name)
         return name in self._verified
+
+
+def _io_error(e: BaseException) -> str:
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return f"I/O error: {reason}" + (f" ({e.filename})" if getattr(e, "filename", None) else "")
 
 
 def load_newest(managers: list[CheckpointManager], validate: Validate | None = None) -> Loaded | None:

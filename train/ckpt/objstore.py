@@ -34,7 +34,8 @@ import numpy as np
 import xxhash
 
 from train.ckpt import hooks, s3_transfer
-from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage, Unreadable, _plain, check_size
+from train.ckpt.fs import plain as _plain
+from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage, Unreadable, check_size
 
 MANIFEST = "manifest.json"  # the commit point (train.ckpt.manifest.MANIFEST)
 PART = 16 << 20  # bytes per upload part and per ranged read
@@ -158,6 +159,7 @@ class FsspecStorage:
         return out
 
     def names(self) -> list[str]:
+        hooks.point("ckpt.list")
         return sorted(n for n, files in self._objects().items() if MANIFEST in files and INVALID_TAG not in n)
 
     def set_aside_names(self) -> list[str]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import logging
 import os
 import shutil
 import stat
@@ -34,26 +34,34 @@ import numpy as np
 import xxhash
 
 from train.ckpt import hooks
+from train.ckpt.fs import (
+    DELETE_PREFIX,
+    DIR,
+    TMP_PREFIX,
+    LocalPendingWrite,
+    Unreadable,
+    fsync_path,
+    lock,
+    newest_mtime,
+    plain,
+    remove,
+)
 
-TMP_PREFIX = ".tmp-"
-DELETE_PREFIX = f"{TMP_PREFIX}delete-"
+__all__ = [
+    "DELETE_PREFIX",
+    "INVALID_TAG",
+    "TMP_PREFIX",
+    "LocalStorage",
+    "Storage",
+    "Unreadable",
+    "fsync_path",
+]
+
 READ_CHUNK = 4 << 20
 INVALID_TAG = ".invalid-"
 UNLOCKED_MAX_AGE_S = 3600.0
-# "This filesystem cannot lock", as opposed to EWOULDBLOCK, "someone holds it".
-_NO_FLOCK = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
-_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
-_held_locks: set[int] = set()
-
-
-class Unreadable(Exception):
-    """A checkpoint file refused unread: not a regular file, or not of the size asked for
-    (``actual``: its size then)."""
-
-    def __init__(self, reason: str, actual: int | None = None):
-        super().__init__(reason)
-        self.actual = actual
+log = logging.getLogger(__name__)
 
 
 class PendingWrite(Protocol):
@@ -89,153 +97,73 @@ def check_size(actual: int, size: int | None, limit: int | None) -> None:
         raise Unreadable(f"{actual} bytes, more than the {limit} allowed", actual)
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or a directory (a directory's entries: renames, creations)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _plain(name: str) -> str:
-    # Names reach the filesystem joined to the root: one that is a path could leave it.
-    if not name or name in (".", "..") or "/" in name or "\0" in name:
-        raise Unreadable(f"{name!r} is not a plain name")
-    return name
-
-
-def _lock(fd: int) -> bool | None:
-    """Try to lock exclusively: True if locked, False if someone holds it, None if unsupported."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in _NO_FLOCK:
-            return None
-        raise
-    return True
-
-
-def _close_inherited_locks() -> None:
-    # A forked child (a DataLoader worker) shares the lock; were it to outlive a killed writer,
-    # the writer's temporary would look alive. Closing the child's copy leaves the parent's lock.
-    for fd in _held_locks:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _held_locks.clear()
-
-
-os.register_at_fork(after_in_child=_close_inherited_locks)
-
-
-def _is(path: Path, st: os.stat_result) -> bool:
-    try:
-        now = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-
-def _newest_mtime(path: Path) -> float:
-    newest = os.stat(path, follow_symlinks=False).st_mtime
-    with os.scandir(path) as entries:
-        for entry in entries:
-            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
-    return newest
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)  # does not follow symlinks inside
-    else:
-        path.unlink(missing_ok=True)  # a link or a stray file: the link itself, never its target
-
-
-class _LocalPendingWrite:
-    def __init__(self, root: Path, name: str):
-        self.root, self.name = root, name
-        self.tmp, self._fd = self._claim()
-
-    def _claim(self) -> tuple[Path, int]:
-        # A cleaner may lock and delete a fresh directory in the instant before its writer locks
-        # it: then the directory at that path is no longer the one locked, and we take another.
-        for _ in range(5):
-            tmp = self.root / f"{TMP_PREFIX}{self.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            tmp.mkdir(parents=True)
-            fd = os.open(tmp, _DIR)
-            try:
-                if _lock(fd) is not False and _is(tmp, os.fstat(fd)):
-                    _held_locks.add(fd)
-                    return tmp, fd
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-        raise OSError(f"could not claim a temporary directory under {self.root}")
-
-    def _open(self, path: str, flags: int) -> int:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o666, dir_fd=self._fd)
-
-    def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
-        """``data``: the bytes, or a list of pieces written one after the other."""
-        with open(_plain(file), "wb", opener=self._open) as f:
-            for piece in data if isinstance(data, list) else [data]:
-                f.write(piece)
-            f.flush()
-            hooks.point("ckpt.file_written")
-            os.fsync(f.fileno())
-
-    def commit(self) -> None:
-        os.fsync(self._fd)
-        hooks.point("ckpt.before_rename")
-        final = self.root / self.name
-        # rename() onto an existing non-empty directory fails on POSIX: a committed checkpoint is
-        # never replaced by a commit.
-        os.rename(self.tmp, final)
-        hooks.point("ckpt.after_rename")
-        fsync_path(self.root)
-        self._release()
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self._release()
-
-    def _release(self) -> None:
-        if self._fd >= 0:
-            _held_locks.discard(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-
-
 class LocalStorage:
     def __init__(self, root: str | Path):
         # Created on first write: ranks that never write need not see this path at all.
         self.root = Path(root)
+        self._owners: set[int] | None = None
+        self._warned: set[str] = set()
+
+    def owners(self) -> set[int]:
+        """The uids whose entries count as this job's: this process's, and the owner a file it
+        creates under the root gets (NFS with root squashing maps root to another uid)."""
+        if self._owners is None:
+            owners = {os.getuid()}
+            probe = self.root / f".owner-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            with contextlib.suppress(OSError):
+                fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                try:
+                    owners.add(os.fstat(fd).st_uid)
+                finally:
+                    os.close(fd)
+                    os.unlink(probe)
+            self._owners = owners
+        return self._owners
+
+    def _foreign(self, name: str, uid: int) -> bool:
+        """Whether an entry of ``uid`` is someone else's; says so once per entry and process."""
+        if uid in self.owners():
+            return False
+        if name not in self._warned:
+            self._warned.add(name)
+            log.warning(
+                "%s belongs to uid %d, not to this job (uid %s): ignored, never read or deleted",
+                self.root / name,
+                uid,
+                "/".join(map(str, sorted(self.owners()))),
+            )
+        return True
 
     def _dirs(self) -> Iterator[str]:
-        """Real directories under the root; symlinks to one are not."""
+        """Real directories under the root that are this job's; symlinks to one are not, and
+        another user's (planted in a shared root) are neither listed nor deleted."""
         try:
             with os.scandir(self.root) as entries:
-                yield from [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+                found = [
+                    e.name
+                    for e in entries
+                    if e.is_dir(follow_symlinks=False)
+                    and not self._foreign(e.name, e.stat(follow_symlinks=False).st_uid)
+                ]
         except (FileNotFoundError, NotADirectoryError):
             return
+        yield from found
 
     def names(self) -> list[str]:
+        hooks.point("ckpt.list")
         return sorted(n for n in self._dirs() if not n.startswith(TMP_PREFIX) and INVALID_TAG not in n)
 
     def set_aside_names(self) -> list[str]:
         return sorted(n for n in self._dirs() if not n.startswith(TMP_PREFIX) and INVALID_TAG in n)
 
-    def begin(self, name: str) -> _LocalPendingWrite:
+    def begin(self, name: str) -> LocalPendingWrite:
         self.root.mkdir(parents=True, exist_ok=True)
-        return _LocalPendingWrite(self.root, _plain(name))
+        return LocalPendingWrite(self.root, plain(name))
 
     def _open(self, name: str, file: str) -> tuple[int, os.stat_result]:
         """A read-only fd of a regular file in checkpoint ``name``, and its fstat."""
         try:
-            dir_fd = os.open(self.root / _plain(name), _DIR)
+            dir_fd = os.open(self.root / plain(name), DIR)
         except OSError as e:
             if e.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise Unreadable(f"{name} is not a directory (a symlink?)") from None
@@ -243,7 +171,7 @@ class LocalStorage:
         try:
             # lstat first: opening a device or FIFO at all may have effects; fstat after, for the
             # file actually opened.
-            if not stat.S_ISREG(os.stat(_plain(file), dir_fd=dir_fd, follow_symlinks=False).st_mode):
+            if not stat.S_ISREG(os.stat(plain(file), dir_fd=dir_fd, follow_symlinks=False).st_mode):
                 raise Unreadable("not a regular file")
             try:
                 fd = os.open(file, _FILE, dir_fd=dir_fd)
@@ -257,6 +185,9 @@ class LocalStorage:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise Unreadable("not a regular file")
+        if st.st_uid not in self.owners():
+            os.close(fd)
+            raise Unreadable(f"it belongs to uid {st.st_uid}, not to this job")
         return fd, st
 
     def digest(self, name: str, file: str, size: int) -> str:
@@ -310,16 +241,24 @@ class LocalStorage:
         return st.st_size
 
     def delete(self, name: str) -> None:
+        path = self.root / plain(name)
+        foreign = sorted(
+            e.name for e in os.scandir(path) if e.stat(follow_symlinks=False).st_uid not in self.owners()
+        )
+        if foreign:  # another user's file: never deleted (OSError: the caller keeps the checkpoint)
+            raise PermissionError(
+                errno.EPERM, f"{path} holds {foreign[0]!r} of another user; not deleting it"
+            )
         # Rename first so a crash mid-delete leaves a temporary (cleaned later), never a torn
         # directory under a checkpoint's name.
         doomed = self.root / f"{DELETE_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-        os.rename(self.root / _plain(name), doomed)
-        _remove(doomed)
+        os.rename(self.root / plain(name), doomed)
+        remove(doomed)
 
     def set_aside(self, name: str) -> str:
         """Move an invalid checkpoint out of the way (kept for inspection, ignored by names())."""
         target = f"{name}{INVALID_TAG}{int(time.time())}-{uuid.uuid4().hex[:6]}"
-        os.rename(self.root / _plain(name), self.root / target)
+        os.rename(self.root / plain(name), self.root / target)
         return target
 
     def clean_temporaries(self) -> list[str]:
@@ -333,10 +272,12 @@ class LocalStorage:
         for entry in entries:
             if not entry.name.startswith(TMP_PREFIX):
                 continue
+            if self._foreign(entry.name, entry.stat(follow_symlinks=False).st_uid):
+                continue
             path = self.root / entry.name
             # A delete's temporary was renamed from a committed checkpoint: nobody writes to it.
             if entry.name.startswith(DELETE_PREFIX) or not entry.is_dir(follow_symlinks=False):
-                _remove(path)
+                remove(path)
             elif not self._remove_abandoned(path):
                 continue
             removed.append(entry.name)
@@ -345,16 +286,16 @@ class LocalStorage:
     @staticmethod
     def _remove_abandoned(path: Path) -> bool:
         try:
-            fd = os.open(path, _DIR)
+            fd = os.open(path, DIR)
         except OSError:
             return False  # gone already, or no longer a directory
         try:
-            locked = _lock(fd)
+            locked = lock(fd)
             if locked is False:
                 return False
             if locked is None:
                 try:
-                    if time.time() - _newest_mtime(path) < UNLOCKED_MAX_AGE_S:
+                    if time.time() - newest_mtime(path) < UNLOCKED_MAX_AGE_S:
                         return False
                 except FileNotFoundError:
                     return False

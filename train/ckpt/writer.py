@@ -40,13 +40,17 @@ class CheckpointWriter:
         self._started: float | None = None  # monotonic start of the save in flight
         self.step_in_flight: int | None = None
 
-    def _write(self, step: int, state: Snapshot, meta: dict[str, Any]) -> None:
+    def _write(
+        self, step: int, state: Snapshot, meta: dict[str, Any], precheck: Callable[[], object] | None
+    ) -> None:
         try:
             t0 = time.perf_counter()
             try:
                 files = state() if callable(state) else state
             finally:
                 self._staged.set()
+            if precheck is not None:
+                precheck()
             name = self.manager.save(step, files, meta)
             self.last_committed = step
             log.info(
@@ -113,28 +117,24 @@ class CheckpointWriter:
         """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it.
 
         ``snapshot`` may be collective; a rank that gets None from it has nothing to write.
-        ``precheck`` runs on a rank that has something to write, before any write: if it raises,
-        that is this save's failure (reported like a background one), and nothing is written.
+        ``precheck`` runs on a rank that has something to write, before any write, in the
+        background with the rest (it may ask the storage: a slow one must not hold the caller): if
+        it raises, that is this save's failure, and nothing is written.
         """
         t0 = time.perf_counter()
         self.wait()
         state = snapshot()
-        if state is not None and precheck is not None:
-            try:
-                precheck()
-            except Exception as e:
-                self._error, state = e, None
         if state is None:
             pass
         elif self.background:
             self._staged.clear()
             self._started, self.step_in_flight = time.monotonic(), step
             self._thread = threading.Thread(
-                target=self._write, args=(step, state, meta), name=f"ckpt-save-{step}", daemon=True
+                target=self._write, args=(step, state, meta, precheck), name=f"ckpt-save-{step}", daemon=True
             )
             self._thread.start()
         else:
-            self._write(step, state, meta)
+            self._write(step, state, meta, precheck)
             self.check()
         self.stall_s = time.perf_counter() - t0
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import sys
 import sysconfig
 from pathlib import Path
 
 import torch
 
-from train.errors import DataError
+from train.errors import ConfigError, DataError
+from train.runtime import private
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst", ".json", ".toml", ".cfg", ".ini", ".c", ".h"}
 
@@ -54,12 +56,14 @@ def prepare(path: str | None, cache_dir: str, val_every: int) -> tuple[Path, Pat
         for p in sources:
             st = p.stat()
             key.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
-    out = Path(cache_dir).expanduser() / f"corpus-{key.hexdigest()[:16]}"
+    out = _private_cache(Path(cache_dir).expanduser()) / f"corpus-{key.hexdigest()[:16]}"
     train_bin, val_bin = out / "train.bin", out / "val.bin"
-    if train_bin.exists() and val_bin.exists():
+    if _ours(out) and _ours(train_bin) and _ours(val_bin):
         return train_bin, val_bin
     sources = sources or list_sources(root)
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)
+    if not _ours(out):
+        raise ConfigError(f"--data.cache-dir: {out} is not a directory of your own; remove it or use another")
     splits: dict[Path, list[bytes]] = {train_bin: [], val_bin: []}
     for i, p in enumerate(sources):
         # Every val_every-th file is held out; a one-file corpus is split by bytes instead.
@@ -75,6 +79,24 @@ def prepare(path: str | None, cache_dir: str, val_every: int) -> tuple[Path, Pat
         tmp.write_bytes(b"\n".join(parts))
         os.replace(tmp, target)
     return train_bin, val_bin
+
+
+def _private_cache(root: Path) -> Path:
+    """The cache root, once nobody else could write it or swap it (train/runtime/private.py)."""
+    try:
+        return private.trusted_tree(root, create=True)
+    except (private.Untrusted, OSError) as e:
+        raise ConfigError(f"--data.cache-dir: {e}; set --data.cache-dir to a directory of your own") from None
+
+
+def _ours(path: Path) -> bool:
+    """A prepared file (or its directory) this user made, that nobody else could have changed."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.getuid() and not st.st_mode & 0o022
 
 
 class TokenWindows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from tqdm import tqdm
 
 from train.observe import records
 from train.observe.tensorboard import Scalars
+from train.runtime import private
 
 log = logging.getLogger("train")
 
@@ -62,7 +64,7 @@ class Metrics:
         """The attempt trains from ``step`` on (0: a fresh run): its "start" row, and the views of
         the record that must know where it resumed (the progress bar, TensorBoard's purge)."""
         if self.enabled:
-            self.file = open(records.path(self.run_dir), "a")  # noqa: SIM115
+            self.file = os.fdopen(private.append_fd(records.path(self.run_dir)), "a")
             self.scalars = Scalars(self.run_dir, self.tensorboard, step)
             if sys.stderr.isatty():
                 self.bar = tqdm(total=self.max_steps, initial=step, dynamic_ncols=True, unit="step")

@@ -21,32 +21,40 @@ the one the final model went through. A line torn by a kill is skipped.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from train.runtime import private
+
 FILE = "metrics.jsonl"
+LIMIT = 256 << 20  # ~1M rows; resume reads only the tail it needs (last_step)
 
 
 def path(run_dir: str | Path) -> Path:
     return Path(run_dir) / FILE
 
 
-def read(run_dir: str | Path) -> list[dict]:
-    """Every row, in the order written; torn or foreign lines skipped."""
-    try:
-        text = path(run_dir).read_text(errors="replace")
-    except (FileNotFoundError, NotADirectoryError):
+def read(run_dir: str | Path, limit: int = LIMIT) -> list[dict]:
+    """Every row, in the order written, of the file's last ``limit`` bytes; torn, malformed or
+    foreign lines skipped, whatever they hold. A symlink, FIFO or other non-regular file reads as
+    no rows (a copied run dir, or one another user can write to, may hold anything)."""
+    data = private.read_regular(path(run_dir), limit, tail=True)
+    if data is None:
         return []
+    lines = data.split(b"\n")
+    if len(data) == limit:  # the first line may be cut
+        lines = lines[1:]
     rows = []
-    for line in text.splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
+    for line in lines:
+        try:
             row = json.loads(line)
-            if _well_formed(row):
-                rows.append(row)
+        except Exception:  # not JSON, a 5000-digit number (ValueError), deep nesting (RecursionError)
+            continue
+        if _well_formed(row):
+            rows.append(row)
     return rows
 
 
@@ -65,7 +73,7 @@ def append(run_dir: str | Path, kind: str, **fields: object) -> None:
     """One row from any process (the ending of a rank): one O_APPEND write, so rows of ranks that
     end at the same moment do not interleave."""
     line = (json.dumps({"kind": kind, "time": time.time(), **fields}) + "\n").encode()
-    fd = os.open(path(run_dir), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = private.append_fd(path(run_dir))
     try:
         os.write(fd, line)
     finally:

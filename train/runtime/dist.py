@@ -15,8 +15,12 @@ never read. The process group then lives under ``pg/<generation>/`` in the store
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import logging
+import signal
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -81,7 +85,7 @@ def _answer_peers(store: dist.Store, world_size: int, generation: str, done: thr
                 if store.check([key]):
                     nonce = store.get(key).decode()
                     if nonce not in answered:
-                        store.set(f"bootstrap/answer/{nonce}", generation)
+                        store.set(f"bootstrap/answer/{nonce}", _signed(nonce, generation))
                         answered.add(nonce)
     except Exception:  # say so: the peers would otherwise wait out the init timeout in silence
         log.exception("process-group bootstrap: rank 0 stopped answering its peers")
@@ -105,7 +109,33 @@ def _agree_generation(store: dist.Store, rank: int, world_size: int) -> tuple[st
         return generation, done
     nonce = uuid.uuid4().hex
     store.set(f"bootstrap/hello/{rank}", nonce)
-    return store.get(f"bootstrap/answer/{nonce}").decode(), None  # blocks up to the store timeout
+    return _answer(store, nonce), None
+
+
+def _signed(nonce: str, generation: str) -> str:
+    """Rank 0's answer; with a job secret it carries an HMAC of the nonce it answers (anyone who
+    reaches the store could otherwise answer first and split the job into two namespaces)."""
+    secret = env.job_secret()
+    if secret is None:
+        return generation
+    return f"{generation}:{hmac.new(secret, f'{nonce}:{generation}'.encode(), hashlib.sha256).hexdigest()}"
+
+
+def _answer(store: dist.Store, nonce: str) -> str:
+    """The generation rank 0 answered this nonce with (blocks up to the store timeout); an answer
+    the job's secret did not sign is ignored, and the wait goes on."""
+    key, warned = f"bootstrap/answer/{nonce}", False
+    deadline = time.monotonic() + store.timeout.total_seconds()
+    while time.monotonic() < deadline:
+        answer = store.get(key).decode()
+        generation = answer.partition(":")[0]
+        if hmac.compare_digest(_signed(nonce, generation), answer):
+            return generation
+        if not warned:
+            log.warning("ignoring a process-group answer this job's FTJOB_JOB_SECRET did not sign")
+            warned = True
+        time.sleep(0.05)
+    raise TimeoutError(f"no answer to {key} signed by this job's FTJOB_JOB_SECRET")
 
 
 def setup(backend: str, init_timeout_s: float) -> DistEnv:
@@ -153,11 +183,20 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+# From the start of teardown to the process's end. Freeing a process group (or the DDP reducer
+# that holds one) while an exception unwinds can deadlock: gloo's loop thread waits for the GIL
+# the freeing thread holds. No thread can help then; the kernel's alarm ends the process (SIGALRM:
+# 142, "hung", retryable). Beyond the 10 s a rank with a permanent error waits for its peers.
+TEARDOWN_S = 30
+
+
 @contextlib.contextmanager
 def process_group(backend: str, init_timeout_s: float) -> Iterator[DistEnv]:
-    """setup(), and teardown() however the block ends."""
+    """setup(), and teardown() however the block ends, the process bounded from then on."""
     distributed = setup(backend, init_timeout_s)
     try:
         yield distributed
     finally:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(TEARDOWN_S)
         teardown()

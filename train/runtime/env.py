@@ -12,6 +12,7 @@ from pathlib import Path
 
 FAULT_ENV = "FTJOB_FAULT"  # fault injection for tests and chaos runs (train/runtime/faults.py)
 STATUS_ENV = "FTJOB_STATUS_FILE"  # the launcher's private per-node status file (train/runtime/exits.py)
+SECRET_ENV = "FTJOB_JOB_SECRET"  # signs the job's own keys in the rendezvous store (launch/verdict.py)
 
 
 def _int(name: str, default: int) -> int:
@@ -72,6 +73,13 @@ def rendezvous() -> Rendezvous:
 
 def fault_spec() -> str:
     return os.environ.get(FAULT_ENV, "")
+
+
+def job_secret() -> bytes | None:
+    """The per-job secret every node was given (a Kubernetes Secret, the SLURM job's environment),
+    or None: then the job's keys in the rendezvous store are not authenticated."""
+    value = os.environ.get(SECRET_ENV, "")
+    return value.encode() if value else None
 
 
 def status_file() -> Path | None:

@@ -41,7 +41,7 @@ from train.errors import (
     classify,
 )
 from train.observe import records
-from train.runtime import env, warmstart
+from train.runtime import env, private, warmstart
 
 log = logging.getLogger("train")
 STATUS_FILE = "exit_status.json"
@@ -96,8 +96,8 @@ def _write(path: Path, status: dict) -> None:
         with contextlib.suppress(OSError):  # best effort where a filesystem cannot lock directories
             fcntl.flock(lock, fcntl.LOCK_EX)  # local ranks of one node end at the same moment
         try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
+            old = json.loads(private.read_regular(path, 1 << 20) or b"null")
+        except Exception:  # anything at all: the record is rewritten
             old = None
         if (
             isinstance(old, dict)
@@ -105,9 +105,7 @@ def _write(path: Path, status: dict) -> None:
             and (status["secondary"] or not old.get("secondary"))
         ):
             return  # this attempt already has a record that is at least as close to the root cause
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(status) + "\n")
-        os.replace(tmp, path)
+        private.write_replace(path, (json.dumps(status) + "\n").encode())
     finally:
         os.close(lock)
 

@@ -12,7 +12,10 @@ FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
                               (points: ckpt.file_written, ckpt.before_rename, ckpt.after_rename)
   slow_write:ms=4000          every checkpoint file takes 4 s longer to write (a slow filesystem)
   hang_write:save_step=40     the checkpoint write of step 40 never finishes (a hung NFS mount)
+  fail_write:save_step=40     the checkpoint write of step 40 fails with EIO (a failing disk)
+  slow_list:ms=3000           every listing of a checkpoint directory takes 3 s longer (a slow store)
   raise:step=20:rank=1        an uncaught exception (RuntimeError) right after step 20
+  hold_gil:step=5             after step 5, block in C holding the GIL: no Python thread runs again
 
 Every fault fires only on the first attempt (``restart=0``) unless it says otherwise
 (``restart=N``, or ``restart=any``), so an injected crash does not turn into a crash loop.
@@ -23,6 +26,8 @@ configuration error (exit 2): a misspelt fault must not pass for a run that surv
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import logging
 import os
 import signal
@@ -41,11 +46,14 @@ KINDS = {
     "slow": ("step", "ms"),
     "await_zygote": ("step",),
     "raise": ("step",),
+    "hold_gil": ("step",),
     "kill": ("point", "save_step"),
     "slow_write": ("save_step", "ms"),
     "hang_write": ("save_step",),
+    "fail_write": ("save_step",),
+    "slow_list": ("ms",),
 }
-_STEP_KINDS = ("crash", "hang", "slow", "await_zygote", "raise")
+_STEP_KINDS = ("crash", "hang", "slow", "await_zygote", "raise", "hold_gil")
 
 _faults: list[dict[str, str]] = []
 _context: dict[str, int] = {}
@@ -115,9 +123,15 @@ def _point(name: str) -> None:
         kind = fault["kind"]
         if kind == "kill" and _matches(fault, point=name):
             _kill(f"at {name}")
-        elif kind in ("slow_write", "hang_write") and name == "ckpt.file_written" and _matches(fault):
+        elif kind in ("slow_write", "hang_write", "fail_write") and name == "ckpt.file_written":
+            if not _matches(fault):
+                continue
             if kind == "hang_write":
                 _hang("in the checkpoint write")
+            if kind == "fail_write":
+                raise OSError(errno.EIO, "fault injection: I/O error writing a checkpoint file")
+            time.sleep(float(fault.get("ms", "1000")) / 1000)
+        elif kind == "slow_list" and name == "ckpt.list" and _matches(fault):
             time.sleep(float(fault.get("ms", "1000")) / 1000)
 
 
@@ -132,6 +146,10 @@ def after_step(step: int) -> None:
             raise RuntimeError(f"fault injection: exception after step {step}")
         elif fault["kind"] == "hang":
             _hang(f"after step {step}")
+        elif fault["kind"] == "hold_gil":  # as a deadlock in a C destructor does
+            log.warning("fault injection: holding the GIL after step %d", step)
+            while True:
+                ctypes.PyDLL(None).pause()  # PyDLL keeps the GIL during the call
         elif fault["kind"] == "slow":
             time.sleep(float(fault.get("ms", "100")) / 1000)
         elif fault["kind"] == "await_zygote":  # so that a test's next restart is surely warm

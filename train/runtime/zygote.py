@@ -8,6 +8,7 @@ touches no GPU, so forking it is safe.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -16,8 +17,8 @@ import signal
 import socket
 import struct
 import sys
-import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":
@@ -33,6 +34,8 @@ from train.runtime.warmstart import (
     private_dir,
     socket_paths,
 )
+
+PR_SET_PDEATHSIG = 1
 
 
 def serve(agent: int) -> None:
@@ -68,19 +71,42 @@ def serve(agent: int) -> None:
             path.unlink(missing_ok=True)
 
 
+@dataclass
+class _Trainer:
+    pid: int
+    conn: socket.socket  # to its worker: the exit status goes there
+    pidfd: int
+    worker_fd: int  # readable once the worker has exited; -1 once it has
+
+
 def _serve(listener: socket.socket, agent: int, agent_fd: int) -> None:
-    children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, the worker's connection)
-    while True:
-        ready, _, _ = select.select([listener, agent_fd, *children], [], [])
-        if agent_fd in ready:
-            return  # the job is over (or the agent died): nothing left to serve
-        for fd in ready:
-            if fd in children:
-                pid, conn = children.pop(fd)
-                _report(pid, conn)
-                os.close(fd)
-        if listener in ready:
-            _accept(listener, agent, agent_fd, children)
+    """Fork trainers for the agent's workers while it lives, and watch each trainer's worker: a
+    trainer whose worker is gone is SIGKILLed from here, a single-threaded process that needs
+    nothing of the trainer's (not its GIL: a trainer deadlocked in its own teardown holds it).
+    Once the agent is gone, serve no more, but watch until the last trainer has ended."""
+    trainers: dict[int, _Trainer] = {}  # by pidfd
+    accepting = True
+    while accepting or trainers:
+        watched = [t.worker_fd for t in trainers.values() if t.worker_fd >= 0]
+        serving = [listener, agent_fd] if accepting else []
+        ready, _, _ = select.select([*serving, *trainers, *watched], [], [])
+        for trainer in list(trainers.values()):
+            if trainer.worker_fd in ready:  # its worker is gone: the trainer must not outlive it
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(trainer.pidfd, signal.SIGKILL)
+                os.close(trainer.worker_fd)
+                trainer.worker_fd = -1
+            if trainer.pidfd in ready:
+                _report(trainer.pid, trainer.conn)
+                os.close(trainer.pidfd)
+                if trainer.worker_fd >= 0:
+                    os.close(trainer.worker_fd)
+                del trainers[trainer.pidfd]
+        if accepting and agent_fd in ready:
+            accepting = False  # the job is over (or the agent died): nothing left to serve
+            listener.close()
+        elif accepting and listener in ready:
+            _accept(listener, agent, agent_fd, trainers)
 
 
 def _report(pid: int, conn: socket.socket) -> None:
@@ -91,7 +117,7 @@ def _report(pid: int, conn: socket.socket) -> None:
     conn.close()
 
 
-def _accept(listener: socket.socket, agent: int, agent_fd: int, children: dict) -> None:
+def _accept(listener: socket.socket, agent: int, agent_fd: int, trainers: dict) -> None:
     conn, _ = listener.accept()
     fds: list[int] = []
     try:
@@ -119,17 +145,19 @@ def _accept(listener: socket.socket, agent: int, agent_fd: int, children: dict) 
         with contextlib.suppress(BaseException):
             listener.close()
             os.close(agent_fd)
-            for fd, (_, other) in children.items():
-                os.close(fd)
-                other.close()
+            for other in trainers.values():
+                for fd in (other.pidfd, other.worker_fd):
+                    if fd >= 0:
+                        os.close(fd)
+                other.conn.close()
+            os.close(worker_fd)
             _await_go(conn)
-            _run_trainer(request, fds, worker_fd)
+            _run_trainer(request, fds)
         os._exit(1)
     for fd in fds:
         os.close(fd)
-    os.close(worker_fd)
     child_fd = os.pidfd_open(child)
-    children[child_fd] = (child, conn)
+    trainers[child_fd] = _Trainer(child, conn, child_fd, worker_fd)
     with contextlib.suppress(OSError):
         conn.settimeout(None)
         socket.send_fds(conn, [f"pid {child}\n".encode()], [child_fd])
@@ -150,7 +178,12 @@ def _await_go(conn: socket.socket) -> None:
     conn.close()
 
 
-def _run_trainer(request: dict, fds: list[int], worker_fd: int) -> None:
+def _run_trainer(request: dict, fds: list[int]) -> None:
+    # Should the zygote die, the kernel kills this trainer (its worker, which stands in for it,
+    # does too); the zygote kills it when its worker dies. Neither needs anything of this process.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the zygote died before the line above
+        os._exit(1)
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
@@ -159,7 +192,6 @@ def _run_trainer(request: dict, fds: list[int], worker_fd: int) -> None:
     os.environ.update(request["env"])
     os.environ[WARM_ENV] = f"{(time.time() - request['started']) * 1000:.0f}"
     sys.argv = request["argv"]
-    threading.Thread(target=_die_with_worker, args=(worker_fd,), daemon=True).start()
     import torch
 
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():  # read at import, in the zygote's env
@@ -167,11 +199,6 @@ def _run_trainer(request: dict, fds: list[int], worker_fd: int) -> None:
     from train.main import cli
 
     cli()
-
-
-def _die_with_worker(worker_fd: int) -> None:
-    select.select([worker_fd], [], [])  # readable once the worker has exited
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 if __name__ == "__main__":
