@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slurm test-s3 lint format chaos bench clean
+.PHONY: setup run test test-slurm test-s3 test-docker lint format chaos bench clean
 
 # The stamp names the torch build, so `make setup TORCH_INDEX=...` after a CPU setup reinstalls.
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -38,6 +38,11 @@ test-slurm: setup
 # Durable checkpoints in object storage, against a real S3 server on loopback (tests/s3_local.py).
 test-s3: setup
 	$(PY) -m pytest -q tests/s3
+
+# The image built and run for real (root: installs Debian's docker.io and debootstrap, starts dockerd,
+# makes a local Debian base; tests/docker/engine.sh).
+test-docker: setup
+	$(PY) -m pytest -q tests/docker
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -123,6 +123,10 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
         added.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in conf.items()))
     elif not args.standalone and not _given("rdzv_endpoint", torchrun_args, parser):
         added.append("--standalone")  # a free port of its own: two jobs on one box never collide
+    if not multi_node and not _given("local_addr", torchrun_args, parser):
+        # One node talks to itself over loopback: no need for its hostname to resolve (a container
+        # with --network none, a host missing from DNS) and nothing offered beyond this machine.
+        added.append("--local-addr=127.0.0.1")
     exe = torchrun or [sys.executable, "-m", "torch.distributed.run"]
     return Plan(
         command=[*exe, *torchrun_args, *added, script, *train_args],

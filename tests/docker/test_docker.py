@@ -13,6 +13,7 @@ import http.server
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -24,22 +25,35 @@ from conftest import REPO, free_port
 
 pytestmark = pytest.mark.timeout(1800)
 REQUIRED = os.environ.get("FTJOB_REQUIRE_DOCKER") == "1"
-WHEELS = Path(os.environ.get("PIP_FIND_LINKS", "/opt/wheels"))
 
 
 def docker(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args[:3])}: {done.stderr[-3000:]}")
+        raise AssertionError(f"docker {' '.join(args[:3])}: {(done.stdout + done.stderr)[-4000:]}")
     return done
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def wheel_server() -> Iterator[str]:
-    """This machine's local wheels over http on loopback, where the build (host network) finds them."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(WHEELS))
-    handler.log_message = lambda *a, **k: None  # type: ignore[assignment]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), handler)
+def wheelhouse(where: Path) -> Iterator[str]:
+    """Every package the image needs, downloaded here as this machine's pip finds them (its local
+    torch wheel, its index and certificates), served over http on loopback: the build (host
+    network) installs from it alone."""
+    # torch pinned as `make setup` pins it: an open range would fetch the multi-GB CUDA build.
+    need = ["torch==2.13.0", f"{REPO}[etcd,s3]", "setuptools>=77", "wheel"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "-d", str(where), *need],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", free_port()), functools.partial(_Quiet, directory=str(where))
+    )
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/"
@@ -48,7 +62,7 @@ def wheel_server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def image() -> Iterator[str]:
+def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.geteuid() != 0:
         if REQUIRED:
             pytest.fail("FTJOB_REQUIRE_DOCKER=1 but not root: the Docker tests cannot run")
@@ -58,11 +72,8 @@ def image() -> Iterator[str]:
     )
     assert base.returncode == 0, base.stderr[-3000:]
     tag = f"ftjob-test:{uuid.uuid4().hex[:8]}"
-    links = str(WHEELS) if WHEELS.is_dir() and any(WHEELS.glob("torch-*.whl")) else ""
-    with contextlib.ExitStack() as stack:
-        args = ["--build-arg", f"BASE={base.stdout.strip()}"]
-        if links:
-            args += ["--build-arg", f"PIP_FIND_LINKS={stack.enter_context(wheel_server())}"]
+    with wheelhouse(tmp_path_factory.mktemp("wheels")) as wheels:
+        args = ["--build-arg", f"BASE={base.stdout.strip()}", "--build-arg", f"WHEELS={wheels}"]
         docker(
             "build", "--network", "host", "-f", "docker/Dockerfile", "-t", tag, *args, str(REPO), timeout=1500
         )

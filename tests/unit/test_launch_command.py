@@ -41,11 +41,12 @@ def test_one_node_gets_the_recovery_settings(monkeypatch: pytest.MonkeyPatch) ->
     plan = command.plan(["--nproc-per-node=2"], ["--max-steps", "5"], torchrun=["torchrun"])
     signals = f"--signals-to-handle={command.SIGNALS}"
     assert plan.command == ["torchrun", "--nproc-per-node=2", "--max-restarts=3", signals, "--standalone",
-                            MAIN, "--max-steps", "5"]  # fmt: skip
+                            "--local-addr=127.0.0.1", MAIN, "--max-steps", "5"]  # fmt: skip
     assert not plan.multi_node
     # What the user set stays as it is.
     plan = command.plan(["--max-restarts=0", "--signals-to-handle=SIGTERM"], [], torchrun=["t"])
-    assert plan.command == ["t", "--max-restarts=0", "--signals-to-handle=SIGTERM", "--standalone", MAIN]
+    assert plan.command == ["t", "--max-restarts=0", "--signals-to-handle=SIGTERM", "--standalone",
+                            "--local-addr=127.0.0.1", MAIN]  # fmt: skip
 
 
 def test_pet_environment_as_a_pytorchjob_sets_it(monkeypatch: pytest.MonkeyPatch) -> None:
