@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slurm test-s3 test-docker lint format chaos bench clean
+.PHONY: setup run test test-slurm test-s3 test-docker test-torchx lint format chaos bench clean
 
 # The stamp names the torch build, so `make setup TORCH_INDEX=...` after a CPU setup reinstalls.
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -44,6 +44,16 @@ test-s3: setup
 test-docker: setup
 	$(PY) -m pytest -q tests/docker
 
+# TorchX's local scheduler running launch/torchx_component.py. TorchX lives in a venv of its own
+# (it pins urllib3 below what the S3 client wants), as on a submitting machine without the job.
+TORCHX_VENV := .venv-torchx
+$(TORCHX_VENV)/bin/torchx:
+	$(PYTHON) -m venv $(TORCHX_VENV)
+	$(TORCHX_VENV)/bin/pip install -q torchx==0.7.0
+
+test-torchx: setup $(TORCHX_VENV)/bin/torchx
+	TORCHX=$(TORCHX_VENV)/bin/torchx $(PY) -m pytest -q tests/torchx
+
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -59,4 +69,4 @@ bench: setup
 	$(PY) tests/bench/run.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TORCHX_VENV) runs .pytest_cache .ruff_cache

@@ -19,6 +19,8 @@ from pathlib import Path
 # What a lost node costs depends on these (torchrun's defaults: 5 s x 3 keep-alives, a 30 s last call).
 # keep_alive_*: a node that stopped answering is declared dead after ~3 s, not 15 s. last_call_timeout:
 # once the minimum of nodes is there, wait 1 s (not 30) for more before training at that size.
+# etcd-v2's TLS settings: the launcher's own connection to the store (verdict.py) uses them too.
+TLS_KEYS = ("protocol", "ca_cert", "ssl_cert", "ssl_cert_key")
 RDZV_CONF = {"keep_alive_interval": "1", "keep_alive_max_attempt": "3", "last_call_timeout": "1"}
 SIGNALS = "SIGTERM,SIGINT,SIGUSR1,SIGUSR2"  # torchrun's default lacks USR1/USR2 (Slurm, Kubeflow)
 MAX_RESTARTS = 3  # worker-group restarts on this node before torchrun gives up (its default: 0)
@@ -38,6 +40,7 @@ class Plan:
     endpoint: str  # host:port of the rendezvous, "" when standalone
     run_id: str
     world_sizes: tuple[int, ...] = ()  # every size the elastic range allows (empty: not known here)
+    tls: dict[str, str] = dataclasses.field(default_factory=dict)  # etcd's TLS settings in --rdzv-conf
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,6 +112,7 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
         nnodes not in ("1", "1:1") or bool(args.rdzv_endpoint) or args.rdzv_backend != "static"
     )
     backend = endpoint = ""
+    tls: dict[str, str] = {}
     if multi_node:
         backend = args.rdzv_backend
         if not _given("rdzv_backend", torchrun_args, parser):
@@ -120,6 +124,7 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
                 f"{nnodes} nodes need a rendezvous: pass --rdzv-endpoint=HOST:PORT (or PET_RDZV_ENDPOINT)"
             )
         conf = {**RDZV_CONF, **_conf(args.rdzv_conf)}
+        tls = {k: v for k, v in conf.items() if k in TLS_KEYS}
         added.append("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in conf.items()))
     elif not args.standalone and not _given("rdzv_endpoint", torchrun_args, parser):
         added.append("--standalone")  # a free port of its own: two jobs on one box never collide
@@ -135,6 +140,7 @@ def plan(torchrun_args: list[str], train_args: list[str], torchrun: list[str] | 
         endpoint=endpoint,
         run_id=str(args.rdzv_id),
         world_sizes=_world_sizes(nnodes, str(args.nproc_per_node)),
+        tls=tls,
     )
 
 

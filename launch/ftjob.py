@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         # The other nodes must not wait for this one - when waiting cannot help. A retryable
         # failure (a store down) closes nothing: the next attempt, or another node, may do better.
         if plan.multi_node and 1 <= code <= 127:
-            verdict.publish(plan.backend, plan.endpoint, plan.run_id, code, why)
+            verdict.publish(plan.backend, plan.endpoint, plan.run_id, code, why, tls=plan.tls)
         return code
     if plan.multi_node:
         wait_for_endpoint(plan.endpoint, float(os.environ.get("RDZV_RESOLVE_WAIT_S", "300")))
@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
             return job is not None and 1 <= job[0] <= 127
 
         supervisor = Supervisor(plan.command, env, records / "torchrun.err", grace, stopped_on_purpose)
-        watcher = verdict.Watcher(plan.backend, plan.endpoint, plan.run_id) if plan.multi_node else None
+        watcher = None
+        if plan.multi_node:
+            watcher = verdict.Watcher(plan.backend, plan.endpoint, plan.run_id, plan.tls)
         with watcher or contextlib.nullcontext():
             rc = supervisor.run()
         if rc == 0:
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             code, reason = told["code"], f"node {told['node']} failed permanently: {told['reason']}"
         elif plan.multi_node and 1 <= code <= 127 and told is None:
             # The store was up while torchrun ran: it answers at once, or it went with this node.
-            verdict.publish(plan.backend, plan.endpoint, plan.run_id, code, reason, timeout_s=3)
+            verdict.publish(plan.backend, plan.endpoint, plan.run_id, code, reason, 3, plan.tls)
         torchrun_said = rc if rc >= 0 else f"of signal {-rc}"
         _say(f"torchrun exited {torchrun_said}; exit {code}: {reason}")
         return code

@@ -56,7 +56,7 @@ def _listening(endpoint: str, timeout_s: float) -> bool:
             time.sleep(0.2)
 
 
-def _open(backend: str, endpoint: str, run_id: str, timeout_s: float):
+def _open(backend: str, endpoint: str, run_id: str, timeout_s: float, tls: dict[str, str] | None = None):
     """(rendezvous backend, store), or None where this backend has no store to share."""
     from torch.distributed.elastic.rendezvous import RendezvousParameters
 
@@ -71,6 +71,7 @@ def _open(backend: str, endpoint: str, run_id: str, timeout_s: float):
         max_nodes=1,
         is_host="false",  # never host a c10d store: only join the one torchrun hosts
         read_timeout=str(max(1, round(timeout_s))),
+        **(tls or {}),  # the same certificates as torchrun's own connection to etcd
     )
     if backend == "c10d":
         from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import create_backend
@@ -113,15 +114,24 @@ def unseal(raw: bytes | str, secret: bytes | None) -> dict | None:
     return inner if isinstance(inner, dict) else None
 
 
-def publish(backend: str, endpoint: str, run_id: str, code: int, reason: str, timeout_s: float = 10) -> bool:
-    """Tell the other nodes, then close the rendezvous. False if the rendezvous could not be reached."""
+def publish(
+    backend: str,
+    endpoint: str,
+    run_id: str,
+    code: int,
+    reason: str,
+    timeout_s: float = 10,
+    tls: dict[str, str] | None = None,
+) -> bool:
+    """Tell the other nodes, then close the rendezvous. False if the rendezvous could not be reached.
+    ``tls``: etcd's TLS settings (command.TLS_KEYS) as torchrun was given them."""
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import (
         DynamicRendezvousHandler,
         RendezvousTimeout,
     )
 
     try:
-        opened = _open(backend, endpoint, run_id, timeout_s)
+        opened = _open(backend, endpoint, run_id, timeout_s, tls)
         if opened is None:
             return False
         rdzv_backend, store = opened
@@ -140,8 +150,8 @@ def publish(backend: str, endpoint: str, run_id: str, code: int, reason: str, ti
 class Watcher:
     """Reads the rendezvous' verdict every POLL_S on a thread, while this node's torchrun runs."""
 
-    def __init__(self, backend: str, endpoint: str, run_id: str):
-        self.backend, self.endpoint, self.run_id = backend, endpoint, run_id
+    def __init__(self, backend: str, endpoint: str, run_id: str, tls: dict[str, str] | None = None):
+        self.backend, self.endpoint, self.run_id, self.tls = backend, endpoint, run_id, tls
         self.verdict: dict | None = None
         self._since = time.time() - STALE_S
         self._secret = env.job_secret()
@@ -162,7 +172,7 @@ class Watcher:
         while not self._done.wait(POLL_S) and self.verdict is None:
             try:
                 if store is None:
-                    opened = _open(self.backend, self.endpoint, self.run_id, timeout_s=POLL_S)
+                    opened = _open(self.backend, self.endpoint, self.run_id, POLL_S, self.tls)
                     if opened is None:
                         return
                     store = opened[1]

@@ -24,7 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from chaos import fam_input, fam_kill, fam_stop, fam_storage, fam_untrusted, harness
+from chaos import fam_input, fam_kill, fam_stop, fam_storage, fam_untrusted, fam_verdict, harness
 from chaos.harness import Row, Session, Trial
 
 # family -> (runner, trials for a given CHAOS_TRIALS)
@@ -39,6 +39,7 @@ FAMILIES: dict[str, tuple[Callable[[Session, int], Row], Callable[[int], int]]] 
     "bad-input": (fam_input.run_family_bad_input, lambda n: max(len(fam_input.CASES), n // 20)),
     "untrusted": (fam_untrusted.run_family_untrusted, lambda n: max(4, n // 25)),
     "io-error": (fam_untrusted.run_family_io_error, lambda n: max(2, n // 20)),
+    "forged-verdict": (fam_verdict.run_family_forged_verdict, lambda n: max(2, n // 50)),
 }
 
 

@@ -524,3 +524,41 @@ def test_the_newest_checkpoint_on_any_node_is_the_one_every_rank_loads(tmp_path)
     loaded = safetensors.torch.load(r0["weights"])
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     assert not (tmp_path / "shared").exists() or not list((tmp_path / "shared").glob(".node-*"))
+
+
+def _run_id_worker(env, run_dirs: list[str]) -> dict:
+    from train.checkpointing.local_tier import LocalTier, agree_run_id
+    from train.checkpointing.resume import resume
+    from train.config import CkptConfig
+
+    own = Path(run_dirs[env.rank])
+    rid = agree_run_id(own, env, keeps=True)
+    tier = LocalTier(CkptConfig(local_interval=5, local_dir=str(own.parent / "local")), own, True, rid)
+    assert tier.manager is not None
+    state = _tiny_state(seed=10)
+    _train_a_little(state, steps=3)
+    writes = Snapshots(state).take(env.device, True)()
+    _manager(str(own)).save(state.step, writes, {"fingerprint": FINGERPRINT, "run_id": rid})
+    if env.rank == 1:  # a newer local copy in this run's directory, stamped by another run
+        tier.manager.save(9, writes, {"fingerprint": FINGERPRINT, "run_id": "f" * 32})
+    fresh = _tiny_state(seed=500)
+    resumed = resume(_manager(str(own)), fresh, env, FINGERPRINT, True, tier.manager, False, own, rid)
+    return {"rid": rid, "root": tier.manager.storage.location(""), "step": resumed and resumed.step}
+
+
+def test_every_node_takes_rank_0s_run_id_and_no_other_runs_local_copy(tmp_path):
+    run_dirs = [str(tmp_path / "node0" / "run"), str(tmp_path / "node1" / "run")]
+    # Node 1's run dir outlived an older run: its id, and that run's newer local checkpoint.
+    stale = "e" * 32
+    Path(run_dirs[1]).mkdir(parents=True)
+    (Path(run_dirs[1]) / ".run-id").write_text(stale + "\n")
+    (tmp_path / "node1" / "local" / stale / "step_00000099").mkdir(parents=True)
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
+    (r0, _), (r1, lines) = run_group(_run_id_worker, run_dirs, extra_env=nodes)
+    assert r0["rid"] == r1["rid"] != stale
+    assert (Path(run_dirs[1]) / ".run-id").read_text().strip() == r0["rid"]
+    assert r1["root"] == str(tmp_path / "node1" / "local" / r0["rid"])
+    assert any("held run id " + stale in line for line in lines)
+    # Rank 1's step 9 belongs to another run: both ranks take the durable step 3 instead.
+    assert r0["step"] == r1["step"] == 3
+    assert any("belongs to another run" in line for line in lines)

@@ -60,6 +60,22 @@ def test_preemption_saves_the_last_completed_step_and_requeue_continues(corpus: 
     assert json.loads((run_dir / "exit_status.json").read_text())["code"] == 0
 
 
+def test_a_save_in_flight_when_a_peer_fails_never_holds_torchruns_stop(
+    corpus: Path, tmp_path: Path, reference_run
+) -> None:
+    """Rank 1 dies while rank 0's save of step 20 is still being written (slowed to 2 min): torchrun
+    stops rank 0 within its grace (no SIGKILL needed), the save is abandoned uncommitted, and the
+    restart resumes from step 10 and ends as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    fault = "slow_write:save_step=20:ms=120000;crash:step=22:rank=1"
+    result = run_torchrun(tiny_args(run_dir, corpus), max_restarts=1, env={"FTJOB_FAULT": fault})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "forcefully exiting" not in result.stderr, result.stderr[-3000:]
+    resumes = [r for r in metrics_rows(run_dir) if r["kind"] == "resume"]
+    assert [r["step"] for r in resumes] == [10]
+    assert train_losses(run_dir) == train_losses(reference_run())
+
+
 def test_hung_rank_is_detected_restarted_and_resumed(corpus: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     timeout = 3.0

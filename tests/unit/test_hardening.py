@@ -283,3 +283,19 @@ def test_a_cache_below_another_users_directory_is_refused(tmp_path: Path) -> Non
     os.chown(theirs, NOBODY, NOBODY)
     with pytest.raises(private.Untrusted, match=f"belongs to uid {NOBODY}"):
         private.trusted_tree(theirs / "cache", create=True)
+
+
+def test_after_a_stop_signal_the_exit_waits_only_as_long_as_torchrun_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from train.runtime import preempt
+
+    monkeypatch.setattr(preempt, "_first_signal_at", None)
+    assert preempt.grace_left() is None  # no signal: a save in flight is waited for as configured
+    monkeypatch.setattr(preempt, "_first_signal_at", time.monotonic() - 10)
+    left = preempt.grace_left(margin_s=5)
+    assert left is not None and 14 <= left <= 15  # 30 s of torchrun's grace, 10 gone, 5 kept
+    monkeypatch.setattr(preempt, "_first_signal_at", time.monotonic() - 100)
+    assert preempt.grace_left() == 0

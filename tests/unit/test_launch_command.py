@@ -148,3 +148,17 @@ def test_every_world_size_of_the_elastic_range_is_checked_before_the_rendezvous(
         8,
         12,
     )
+
+
+def test_etcds_tls_settings_reach_the_launchers_own_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND", "PET_RDZV_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    conf = "protocol=https,ca_cert=/c/ca.pem,ssl_cert=/c/me.pem,ssl_cert_key=/c/me-key.pem,join_timeout=60"
+    plan = command.plan(
+        ["--nnodes=2", "--rdzv-backend=etcd-v2", "--rdzv-endpoint=etcd:2379", f"--rdzv-conf={conf}"],
+        [],
+        torchrun=["t"],
+    )
+    assert plan.tls == {"protocol": "https", "ca_cert": "/c/ca.pem", "ssl_cert": "/c/me.pem",
+                        "ssl_cert_key": "/c/me-key.pem"}  # fmt: skip
+    assert command.plan(["--nproc-per-node=2"], [], torchrun=["t"]).tls == {}

@@ -33,7 +33,7 @@ import torch
 from train import config
 from train.checkpointing import replicas
 from train.checkpointing.boundary import Agreement, agree
-from train.checkpointing.local_tier import LocalTier
+from train.checkpointing.local_tier import LocalTier, agree_run_id
 from train.checkpointing.policy import SavePolicy
 from train.checkpointing.resume import Resumed, resume
 from train.checkpointing.snapshot import Snapshots
@@ -41,7 +41,7 @@ from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, is_url, open_storage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import StorageError
-from train.runtime import private
+from train.runtime import preempt, private
 from train.runtime.dist import DistEnv
 from train.state import CKPT_FILES, TrainState
 
@@ -70,7 +70,9 @@ class Checkpointer:
         self.layout = replicas.layout(where, env, remote=remote)
         if self.layout.writes:
             _warn_if_shared(self.run_dir, self.manager)
-        self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes)
+        self.run_id = agree_run_id(self.run_dir, env, keeps=self.layout.local_writes)
+        self.meta["run_id"] = self.run_id
+        self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes, self.run_id)
         # Always a background thread: with --ckpt.async false each save is waited for at once,
         # but in short shared waits (see the module docstring).
         self.writer = CheckpointWriter(self.manager, background=True)
@@ -84,10 +86,17 @@ class Checkpointer:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
-        """Wait for a save in flight on the way out, but never for one that is hung."""
+        """Wait for a save in flight on the way out, but never for one that is hung, and on a
+        failure after a stop signal (torchrun stopping the workers: a peer failed) only as long as
+        torchrun waits before its SIGKILL: the save is finished in time, or abandoned with a line
+        (never half-committed either way: a commit is a rename)."""
         timeout = 0 if kind is StorageError else self.cfg.save_timeout_s
+        left = preempt.grace_left()
+        if kind is not None and left is not None:
+            timeout = min(timeout, left)
+        deadline = time.monotonic() + timeout
         for writer in self._writers():
-            writer.close(timeout)
+            writer.close(max(0.0, deadline - time.monotonic()))
         self._hook.remove()
 
     def _writers(self) -> list[CheckpointWriter]:
@@ -109,6 +118,7 @@ class Checkpointer:
             local=self.local.manager,
             shared=self.layout.shared,
             run_dir=self.run_dir,
+            run_id=self.run_id,
         )
 
     def agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, Agreement]:

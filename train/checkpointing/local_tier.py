@@ -13,7 +13,11 @@ decides about failures, as without this one.
 
 The directory is named after the run (``<base>/<run id>``, the id kept in ``<run-dir>/.run-id``), so
 a new run in a wiped run directory never resumes an old run's local checkpoint and two runs never
-prune each other's; the default base is a directory on the RAM disk only this user can enter. A
+prune each other's. The id is rank 0's, agreed at start (``agree_run_id``) and written into every
+node's run directory: a node whose own run directory outlived an older run (not wiped, unlike rank
+0's) takes the job's id, not its old one, and so never that run's checkpoints; the id is also
+stamped in every manifest, and a local copy of another run is never taken (resume.py).
+The default base is a directory on the RAM disk only this user can enter. A
 run that completes removes its local directory (its final checkpoint is durable); one that is lost
 for good leaves it until reboot. A local save still running after --ckpt.save-timeout-s counts as
 hung storage, like a durable one: no further save could start behind it.
@@ -35,7 +39,8 @@ from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
-from train.runtime import private
+from train.runtime import comm, private
+from train.runtime.dist import DistEnv
 from train.runtime.private import Untrusted, private_dir
 from train.state import CKPT_FILES
 
@@ -60,13 +65,44 @@ def run_id(run_dir: Path, create: bool) -> str | None:
     return new
 
 
-def local_root(local_dir: str, run_dir: Path, create: bool) -> Path | None:
+def agree_run_id(run_dir: Path, env: DistEnv, keeps: bool) -> str:
+    """Collective: the run's id, rank 0's (made at its first start); "" if rank 0 cannot keep one
+    (no local tier then). ``keeps``: this rank writes it into its node's run directory."""
+    mine = ""
+    if env.rank == 0:
+        try:
+            mine = run_id(run_dir, create=True) or ""
+        except (OSError, Untrusted) as e:
+            log.warning("no run id (%s): node-local checkpoints off", e)
+    agreed = comm.all_gather_bytes(mine.encode(), env.device)[0].decode()
+    if keeps and agreed and env.rank != 0:
+        try:
+            own = run_id(run_dir, create=False)
+            if own != agreed:
+                if own:
+                    log.warning(
+                        "this node's run directory %s held run id %s; the job's is %s (rank 0's): "
+                        "that run's node-local checkpoints are not taken",
+                        run_dir,
+                        own,
+                        agreed,
+                    )
+                run_dir.mkdir(parents=True, exist_ok=True)
+                private.write_replace(run_dir / RUN_ID_FILE, (agreed + "\n").encode())
+        except (OSError, Untrusted) as e:  # the directory is still named by the agreed id
+            log.warning("could not record the run id in %s: %s", run_dir, e)
+    return agreed
+
+
+def local_root(local_dir: str, run_dir: Path, create: bool, rid: str | None = None) -> Path | None:
     """This run's local directory, ``<base>/<run id>``: base ``--ckpt.local-dir``, else this
     user's private directory on the RAM disk; without a RAM disk ``<run-dir>/local-checkpoints``
-    (the run directory is the run's own). With ``create`` false: None unless it may exist."""
+    (the run directory is the run's own). ``rid``: the agreed id (default: the run dir's). With
+    ``create`` false: None unless it may exist."""
     if not local_dir and not (RAM_DISK.is_dir() and os.access(RAM_DISK, os.W_OK | os.X_OK)):
         return run_dir / "local-checkpoints"
-    rid = run_id(run_dir, create)
+    if rid is None:
+        rid = run_id(run_dir, create)
     if rid is None:
         return None
     if local_dir:
@@ -82,17 +118,19 @@ def private_base() -> Path:
 
 
 class LocalTier:
-    def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool):
-        """``writes``: this rank writes (and reads) its node's checkpoints."""
+    def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool, rid: str | None = None):
+        """``writes``: this rank writes (and reads) its node's checkpoints; ``rid``: the agreed run
+        id (agree_run_id; "": none, so no local tier; default: the run dir's own)."""
         self.interval, self.save_timeout_s = cfg.local_interval, cfg.save_timeout_s
         self.manager: CheckpointManager | None = None
         self.writer: CheckpointWriter | None = None  # only where this rank writes
         self._failures, self._warned = 0, False
         self._writing = writes and self.interval > 0
-        if not writes:
+        if not writes or rid == "":
+            self._writing = False
             return
         try:
-            root = local_root(cfg.local_dir, run_dir, self._writing)
+            root = local_root(cfg.local_dir, run_dir, self._writing, rid)
         except (OSError, Untrusted) as e:
             if self._writing:
                 log.warning("node-local checkpoints off: %s (set --ckpt.local-dir to a private directory)", e)

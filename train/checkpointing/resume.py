@@ -63,7 +63,7 @@ def _digest(entries: dict) -> str:
     return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _listed(managers: list[CheckpointManager | None]) -> tuple[tuple[Copy, ...], str]:
+def _listed(managers: list[CheckpointManager | None], run_id: str = "") -> tuple[tuple[Copy, ...], str]:
     """Every checkpoint in every tier this rank reads (None: a tier it does not), newest first;
     those whose manifest or sizes do not check out carry the problem (never chosen, only
     reported as skipped). And why a tier could not be listed at all ("": all were)."""
@@ -72,13 +72,17 @@ def _listed(managers: list[CheckpointManager | None]) -> tuple[tuple[Copy, ...],
         if manager is None:
             continue
         try:
-            found += _tier(tier, manager)
+            found += _tier(tier, manager, run_id if tier == LOCAL_TIER else "")
         except OSError as e:  # the root itself: which checkpoints exist is unknown
             return (), f"cannot list {manager.storage.location('')}: {e.strerror or e}"
     return tuple(sorted(found, key=lambda c: (-c.step, c.tier))), ""
 
 
-def _tier(tier: int, manager: CheckpointManager) -> list[Copy]:
+LOCAL_TIER = 1  # the index of the node-local tier in resume()'s managers
+
+
+def _tier(tier: int, manager: CheckpointManager, run_id: str) -> list[Copy]:
+    """``run_id``: a copy stamped with another run's id is not usable ("": any run's is)."""
     try:
         removed = manager.storage.clean_temporaries()
     except OSError as e:  # leftovers stay for the next start; they are never read
@@ -101,6 +105,12 @@ def _tier(tier: int, manager: CheckpointManager) -> list[Copy]:
             manifest = manager.manifest(info.name)
         except (Problem, OSError):
             continue  # changed (or failed) since listed
+        stamped = manifest.get("run_id")
+        if run_id and stamped is not None and stamped != run_id:
+            reason = f"it belongs to another run (id {str(stamped)[:40]!r}, this run's is {run_id})"
+            log.warning("checkpoint %s is not usable (%s); trying the next older one", location, reason)
+            found.append(Copy(tier, info.name, info.step, location, problem=reason))
+            continue
         entries = manifest["files"]
         found.append(
             Copy(tier, info.name, info.step, location, _digest(entries), manifest.get("fingerprint"), entries)
@@ -223,16 +233,18 @@ def resume(
     local: CheckpointManager | None = None,
     shared: bool = True,
     run_dir: Path | None = None,
+    run_id: str = "",
 ) -> Resumed | None:
     """Collective: restore ``state`` from the newest valid checkpoint on any node; None if there
     is none. ``reads``: this rank reads its node's checkpoints (see replicas.py); ``local``: its
     node-local tier as well (local_tier.py); ``shared``: the nodes share the run directory, so a
     copy of another node's is visible here (otherwise only this node's are: the same path on
     another machine is another disk); ``run_dir``: where metrics.jsonl tells the progress made
-    (default: the checkpoint directory's parent)."""
+    (default: the checkpoint directory's parent); ``run_id``: the run's agreed id, which a local
+    copy must carry (if it carries one at all: copies written before ids were stamped)."""
     run_dir = run_dir or Path(manager.storage.location("")).parent
     managers = [manager, *([local] if local is not None else [])]
-    copies, unlisted = _listed([manager if reads else None, local])
+    copies, unlisted = _listed([manager if reads else None, local], run_id)
     reads_record = reads or local is not None
     last_logged = records.last_step(records.read(run_dir, limit=RECORD_TAIL)) if reads_record else 0
     mine = Report(env.node, copies, last_logged, unlisted)

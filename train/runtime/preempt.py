@@ -9,10 +9,22 @@ from __future__ import annotations
 
 import logging
 import signal
+import time
 
 log = logging.getLogger("train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+# How long torchrun's agent waits after its SIGTERM before it SIGKILLs the workers (torch 2.13's
+# _stop_workers: 30 s, whatever TORCH_ELASTIC_SHUTDOWN_TIMEOUT says); the launcher's own stop gives more.
+AGENT_GRACE_S = 30.0
+_first_signal_at: float | None = None  # time.monotonic() of the first stop signal of this process
+
+
+def grace_left(margin_s: float = 5.0) -> float | None:
+    """Seconds left before torchrun's SIGKILL may come (less ``margin_s``); None: no stop signal."""
+    if _first_signal_at is None:
+        return None
+    return max(0.0, _first_signal_at + AGENT_GRACE_S - margin_s - time.monotonic())
 
 
 class StopSignals:
@@ -22,8 +34,11 @@ class StopSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
+        global _first_signal_at
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C means "now"
+        if _first_signal_at is None:
+            _first_signal_at = time.monotonic()
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 
