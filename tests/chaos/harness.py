@@ -112,7 +112,7 @@ class Target:
 def training_processes(tag: str) -> list[Target]:
     """Each rank's training process: the worker (``train/main.py``, RANK in its environment) and,
     after a warm restart, the trainer the zygote forked for it (its environment in /proc is the
-    zygote's, so its rank is its worker's: the one whose pidfd it holds)."""
+    zygote's, so its rank is its worker's: the one that holds its pidfd)."""
     procs = scan(tag)
     workers = {p.pid: p for p in procs.values() if "RANK" in p.env and "train/main.py" in p.cmd}
     zygotes = {p.pid for p in procs.values() if "train/runtime/zygote.py" in p.cmd}
@@ -120,12 +120,13 @@ def training_processes(tag: str) -> list[Target]:
         Target(p.pid, int(p.env["RANK"]), int(p.env.get("TORCHELASTIC_RESTART_COUNT", "0")), False)
         for p in workers.values()
     ]
-    for p in procs.values():
-        if p.ppid in zygotes:
-            worker = next((workers[w] for w in pidfd_targets(p.pid) if w in workers), None)
-            if worker is not None:
+    trainers = {p.pid for p in procs.values() if p.ppid in zygotes}
+    # The worker holds its trainer's pidfd (to pass signals on); the zygote holds the worker's.
+    for worker in workers.values():
+        for pid in pidfd_targets(worker.pid):
+            if pid in trainers:
                 restart = int(worker.env.get("TORCHELASTIC_RESTART_COUNT", "0"))
-                out.append(Target(p.pid, int(worker.env["RANK"]), restart, True))
+                out.append(Target(pid, int(worker.env["RANK"]), restart, True))
     return out
 
 
