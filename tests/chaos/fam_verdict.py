@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import uuid
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from chaos.checks import all_valid, compare, rows
 from chaos.harness import REPO, STEPS, Job, Row, Session, Trial, tail
+from conftest import free_port
 
 FTJOB = REPO / "launch" / "ftjob.py"
 # What anyone on the network can do: open the store as the launchers do, write the job's key.
@@ -28,12 +28,6 @@ print("forged", flush=True)
 """
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_family_forged_verdict(s: Session, trials: int) -> Row:
     row = Row("forged-verdict")
     reference = s.reference(s.args(s.root / "x"))
@@ -45,7 +39,7 @@ def run_family_forged_verdict(s: Session, trials: int) -> Row:
 
 def _trial(s: Session, reference: Path) -> Trial:
     where = s.fresh("forged-verdict")
-    endpoint, run_id = f"127.0.0.1:{_port()}", f"chaos-{uuid.uuid4().hex[:8]}"
+    endpoint, run_id = f"127.0.0.1:{free_port()}", f"chaos-{uuid.uuid4().hex[:8]}"
     env = {"TMPDIR": str(s.tmp), "FTJOB_JOB_SECRET": secrets.token_hex(16)}
     env["FTJOB_FAULT"] = "slow:ms=30:restart=any"
     dirs = [where / name / "run" for name in ("a", "b")]
@@ -56,7 +50,7 @@ def _trial(s: Session, reference: Path) -> Trial:
                *s.args(run_dir, ckpt__interval=5)]  # fmt: skip
         jobs.append(Job(cmd, env, run_dir.parent / "log", timeout=300))
         jobs[-1].sleep(1.0)  # the first hosts the store
-    at = s.rng.randint(5, STEPS - 20)
+    at = s.rng.randint(5, STEPS // 2)  # late enough to be mid-run, early enough that the store is still up
 
     def reached() -> bool:
         return any(r.get("kind") == "train" and r["step"] >= at for d in dirs for r in rows(d))
