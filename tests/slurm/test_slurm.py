@@ -127,6 +127,44 @@ class Cluster:
         raise AssertionError(f"job {job_id}: step {step} not reached within {timeout}s\n{log_tail(tmp_path)}")
 
 
+def job_processes(job_id: str, attempt: int) -> list[int]:
+    """Pids of this machine's processes (both "nodes" run here) started by `attempt` of the job
+    (0 = the first), told apart by the SLURM_JOB_ID and SLURM_RESTART_COUNT Slurm gives them."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:  # gone, or a kernel thread
+            continue
+        env = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+        restarts = int(env.get(b"SLURM_RESTART_COUNT", b"0"))
+        if env.get(b"SLURM_JOB_ID") == job_id.encode() and restarts == attempt:
+            pids.append(int(proc.name))
+    return pids
+
+
+def first_attempt_gone(job_id: str, since: float, timeout: float) -> float:
+    """The monotonic time at which no process of the job's first attempt was left."""
+    while time.monotonic() - since < timeout:
+        if not job_processes(job_id, 0):
+            return time.monotonic()
+        time.sleep(0.05)
+    left = job_processes(job_id, 0)
+    raise AssertionError(f"job {job_id}: first attempt's processes {left} outlived {timeout}s")
+
+
+def record_stop_time(what: str, seconds: float) -> None:
+    """Stop signal -> last process gone, printed and, with FTJOB_STOP_TIMES=FILE, appended there
+    (launch/README.md's table is made from those lines)."""
+    line = f"{what}: last process gone {seconds:.2f}s after the stop signal"
+    print(line)
+    if out := os.environ.get("FTJOB_STOP_TIMES"):
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
 def logged_steps(run_dir: Path) -> list[int]:
     """Train steps in metrics.jsonl so far (a line being written is skipped)."""
     try:
@@ -222,7 +260,12 @@ def test_preemption_saves_requeues_and_completes_with_no_step_lost(
         FTJOB_FAULT="slow:ms=100:restart=any",  # timing only: the signal lands mid-run
     )
     slurm.wait_for_step(job_id, tmp_path, run_dir, 5, timeout=90)
+    signalled = time.monotonic()
     slurm.run(*stop, job_id)
+    stop_s = first_attempt_gone(job_id, signalled, timeout=120) - signalled
+    record_stop_time(f"slurm {' '.join(stop[:2])}", stop_s)
+    # Slurm's KillWait (30 s by default) is how long a node gives a job's processes after SIGTERM.
+    assert stop_s < 30, f"last process of attempt 1 gone {stop_s:.1f}s after the stop\n{log_tail(tmp_path)}"
     job = slurm.wait(job_id, tmp_path, timeout=180, restarts=1)
     assert outcome(job) == ("COMPLETED", "0:0", "1"), log_tail(tmp_path)
     rows = metrics_rows(run_dir)
