@@ -351,6 +351,7 @@ def assert_failed_at_once(slurm: Cluster, job_id: str, tmp_path: Path, code: int
     return log
 
 
+@pytest.mark.timeout(420, func_only=True)  # five jobs, each bounded on its own
 def test_a_bad_flag_fails_on_both_nodes_in_seconds_every_time(
     slurm: Cluster, corpus: Path, tmp_path: Path
 ) -> None:
@@ -369,6 +370,7 @@ def test_a_bad_flag_fails_on_both_nodes_in_seconds_every_time(
     print(f"\nbad flag on 2 SLURM nodes: FAILED after {', '.join(f'{t:.0f}' for t in took)} s")
 
 
+@pytest.mark.timeout(420, func_only=True)  # six jobs, each bounded on its own
 def test_an_incompatible_checkpoint_fails_on_both_nodes_every_time(
     slurm: Cluster, corpus: Path, tmp_path: Path
 ) -> None:
