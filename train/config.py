@@ -84,6 +84,11 @@ class CkptConfig:
     save_timeout_s: float = 600.0
     """A save still running after this long counts as hung storage: the attempt ends (exit 147,
     retryable) instead of waiting forever."""
+    load_timeout_s: float = 1800.0
+    """At resume, a rank's read of a checkpoint (or its send to the node's other ranks) still running
+    after this long counts as hung storage: the attempt ends (exit 147, retryable). Generous: every
+    other rank waits for the slowest reader in short polls, so a slow read costs only its own time,
+    whatever --dist.init-timeout-s is (80 GB at 100 MB/s is about 14 minutes)."""
     local_interval: int = 0
     """Also save a node-local checkpoint every K steps between the durable ones (0: off): each node
     writes its own copy to --ckpt.local-dir, nothing crosses the network, only the newest is kept.
@@ -197,6 +202,7 @@ def validate(cfg: Config) -> None:
         (cfg.ckpt.keep >= 1, "--ckpt.keep must be >= 1 (the newest checkpoint is always kept)"),
         (cfg.ckpt.max_failures >= 1, "--ckpt.max-failures must be >= 1"),
         (cfg.ckpt.save_timeout_s > 0, "--ckpt.save-timeout-s must be > 0"),
+        (cfg.ckpt.load_timeout_s > 0, "--ckpt.load-timeout-s must be > 0"),
         (cfg.ckpt.local_interval >= 0, "--ckpt.local-interval must be >= 0 (0: no node-local tier)"),
         (cfg.data.seq_len >= 1, "--data.seq-len must be >= 1"),
         (cfg.data.val_every >= 2, "--data.val-every must be >= 2"),

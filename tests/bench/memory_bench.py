@@ -5,6 +5,9 @@
                                                    rank 1 (a node without the checkpoint) receiving
                                                    it from rank 0, whose DIR/node0 save() wrote
     python tests/bench/memory_bench.py local MB DIR  the same checkpoint loaded from its own disk
+    torchrun --nproc_per_node=R tests/bench/memory_bench.py node MB DIR
+                                                   R ranks of one node resuming from DIR/node0 (X2):
+                                                   each rank's peak beyond what it holds after
     python tests/bench/memory_bench.py s3save|s3load MB URL
                                                    the same to / from a --ckpt.dir URL (S4)
 
@@ -130,6 +133,30 @@ def resume(mb: int, root: Path) -> None:
         distributed.teardown()
 
 
+def node(mb: int, root: Path) -> None:
+    """Every rank of one node resuming the checkpoint save() wrote to root/node0 (rank 0 writes
+    there, as in the job; the node's other ranks take it from rank 0). Each rank prints its peak
+    RSS beyond what it holds once resumed (the optimizer's moments it did not have before)."""
+    from train.checkpointing.resume import resume as resume_state
+    from train.runtime import dist as distributed
+
+    env = distributed.setup("gloo", 120)
+    try:
+        fresh = build_state(mb, 100 + env.rank, stepped=False)
+        _warm(_bytes_of(root / "node0"))
+        torch.distributed.barrier()
+        base = _reset_peak()
+        resumed = resume_state(
+            manager(root / "node0"), fresh, env, "bench", reads=env.rank == 0, shared=False
+        )
+        assert resumed is not None, "nothing resumed"
+        row = {"kind": "node", "rank": env.rank, "excess": _status("VmHWM") - _status("VmRSS")}
+        row |= {"growth": _status("VmHWM") - base, "state_bytes": fresh.nbytes(), "seconds": resumed.seconds}
+        print(json.dumps(row), flush=True)
+    finally:
+        distributed.teardown()
+
+
 def _wire(nbytes: int) -> float:
     """The medium alone: ``nbytes`` broadcast from rank 0 to rank 1 as train/checkpointing/stream.py cuts them
     (its chunks, its window), from and into warm memory - no disk, no checksum, no decoding."""
@@ -205,7 +232,7 @@ if __name__ == "__main__":
     if what.startswith("s3"):
         {"s3save": s3save, "s3load": s3load}[what](mb, where)
     else:
-        {"save": save, "resume": resume, "local": local}[what](mb, Path(where))
+        {"save": save, "resume": resume, "local": local, "node": node}[what](mb, Path(where))
 
 
 def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:
@@ -243,9 +270,16 @@ def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:
             }
         )
         shutil.rmtree(where, ignore_errors=True)
+    nodes = {}
+    for ranks in (1, 2, 4):  # X2: a node's memory at resume, whatever its ranks
+        where = work / f"node{ranks}"
+        rows([sys.executable], "save", where / "node0")
+        launcher = [*torchrun[:-1], f"--nproc_per_node={ranks}"]
+        nodes[ranks] = rows(launcher, "node", where)
+        shutil.rmtree(where, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     median = {
         k: statistics.median(m[k] for m in measured)
         for k in ("growth", "received_s", "local_s", "ratio", "wire_s", "wire_ratio", "over_wire")
     }
-    return {"save": saves, "resume": {**measured[0], **median}, "rounds": measured}
+    return {"save": saves, "resume": {**measured[0], **median}, "rounds": measured, "nodes": nodes}

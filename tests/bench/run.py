@@ -23,6 +23,9 @@ Rows:
       (local_tier_bench.py)
   N1-N2 node loss and rejoin through the launcher, its default settings (launcher_bench.py)
   W1-W2 DataLoader workers and bf16 (training_bench.py)
+  X1-X6 resume at a cluster's shape: 2 nodes x 1, 2, 4 ranks on loopback: bytes pulled per node,
+        time, a slow reader, the first save of an attempt (scale_bench.py); a node's memory (X2,
+        with M1-M3: memory_bench.py); a projection to 1024 nodes (projection.py)
   S1-S4 durable checkpoints on a real S3 server on loopback vs local disk (s3_bench.py)
 """
 
@@ -490,6 +493,7 @@ def main() -> int:
     raw: dict = {"plan": {k: str(v) for k, v in plan.items()}}
     table = Table()
     notes: list[str] = []
+    extra: list[str] = []  # sections printed after the table
 
     def t1() -> None:
         r = raw["t1"] = bench_t1(*plan["t1"])
@@ -691,6 +695,16 @@ def main() -> int:
                   wire, local, got["wire_ratio"], "ref 0")  # fmt: skip
         table.add("M3", f"resume time of the receiving rank / the wire alone, {rounds}",
                   received, wire, got["over_wire"], "ref 0")  # fmt: skip
+        both = got["local_s"] + got["wire_s"]
+        table.add("M3", f"resume time of the receiving rank / (the local load + the wire alone), {rounds}: "
+                  "the receiver waits for the sender's read, then the bytes", received, f"{both:.2f} s",
+                  got["received_s"] / both, "<= 1.1x")  # fmt: skip
+        for ranks, node_rows in r["nodes"].items():
+            excess = sum(row["excess"] for row in node_rows)  # each rank's own peak: an upper bound
+            state = node_rows[0]["state_bytes"]
+            table.add("X2", f"a node's peak host RSS at resume beyond what its ranks hold once resumed "
+                      f"(sum of each rank's) / state bytes, {ranks} rank(s) on the node, {size}",
+                      fmt_mb(excess), fmt_mb(state), excess / state, "<= 1.2x")  # fmt: skip
 
     def local_tier() -> None:
         from local_tier_bench import K, bench_l1, bench_l2_l3
@@ -776,6 +790,59 @@ def main() -> int:
                   f"{r['bf16']['median']:.3f}", f"{r['fp32']['median']:.3f}",
                   r["bf16"]["median"] / r["fp32"]["median"], "ref 0")  # fmt: skip
 
+    def scale() -> None:
+        from scale_bench import measure
+
+        r = raw["scale"] = measure(WORK / "scale", quick=q)
+        by = {(t["case"], t["ranks"]): t for t in r["trials"]}
+        size = by[("local", 4)]["ckpt_bytes"]
+        shape = f"2 nodes x 4 ranks, {size / 1e6:.0f} MB checkpoint"
+        cases = [
+            ("local", "every node its own copy", "<= 1.05x"),
+            ("other", "node 1 without one (receives)", "<= 1.05x"),
+            ("bucket", "both from a bucket (S3 on loopback; listing and manifests included)", "<= 1.3x"),
+        ]
+        for case, what, target in cases:
+            if (case, 4) not in by:
+                table.add("X1", f"{what}: not measured ({r.get('bucket_error', '?')})", "", "", None, target)
+                continue
+            t = by[(case, 4)]
+            worst = max(t["pulled_per_node"])
+            disk = f"{max(t['disk_per_node']) / 1e6:.0f} MB"
+            table.add("X1", f"bytes pulled per node at resume / checkpoint bytes, {what}, {shape} "
+                      f"(readers {t['read_by']}, receivers {t['received_by']}; worst node; read from "
+                      f"disk devices, page cache dropped first: {disk})",
+                      fmt_mb(worst), fmt_mb(t["ckpt_bytes"]), worst / t["ckpt_bytes"], target)  # fmt: skip
+        four, one = by[("local", 4)]["resume_s"], by[("local", 1)]["resume_s"]
+        table.add("X3", "resume time (rank 0's, start to end of the resume), 4 ranks per node / 1 per node",
+                  f"{four:.2f} s", f"{one:.2f} s", four / one, "<= 1.3x")  # fmt: skip
+        slow = by[("slow", 4)]
+        table.add("X4", "rank 0's reads 3 s slower per file (9 s in all) under --dist.init-timeout-s 5: "
+                  "resumed and finished; resume time / the same without the fault",
+                  f"{slow['resume_s']:.2f} s", f"{four:.2f} s", slow["resume_s"] / four, "ref 0")  # fmt: skip
+        fs, un = r["first_save"], r["first_save_unmarked"]
+        mb = f"{fs['state_bytes'] / 1e6:.0f} MB"
+        table.add("X5", f"a restarted process's first save / its second, writer time, {mb} state, 3 older "
+                  f"checkpoints kept (median of {len(fs['rounds'])})",
+                  f"{fs['first_s']:.2f} s", f"{fs['later_s']:.2f} s", fs["ratio"], "<= 1.2x")  # fmt: skip
+        table.add("X5", "the same with the verified marks removed (as before them: the kept ones re-read)",
+                  f"{un['first_s']:.2f} s", f"{un['later_s']:.2f} s", un["ratio"], "ref 0")  # fmt: skip
+        import projection
+
+        rates = projection.measure()
+        wire = raw.get("memory", {}).get("resume", {})
+        if wire.get("wire_s"):
+            rates["wire"] = wire["state_bytes"] / wire["wire_s"] / 1e9  # M3: gloo on loopback
+        else:
+            rates["wire"] = 1.0
+            notes.append("X6: M3 did not run, so the loopback wire is taken as 1 GB/s (not measured).")
+        raw["projection"] = {"rates": rates, "hardware": projection.HARDWARE}
+        measured = ", ".join(f"{k} {v:.2f}" for k, v in rates.items())
+        notes.append(f"X6 per-byte costs measured here (GB/s, one core): {measured}; "
+                     f"hardware assumed (GB/s): {projection.HARDWARE}")  # fmt: skip
+        title = "### X6: resume at 8 ranks a node, projected (tests/bench/projection.py)"
+        extra.append(f"{title}\n\n{projection.table(rates)}")
+
     wanted = set(args.only.split(",")) if args.only else None
     for rid, metric, fn in (
         ("T1", "job vs bare DDP steps/s", t1),
@@ -787,6 +854,7 @@ def main() -> int:
         ("N1-N2", "node loss and rejoin through the launcher", nodes),
         ("S1-S4", "checkpoints in object storage", s3),
         ("W1-W2", "DataLoader workers, mixed precision", training),
+        ("X1-X6", "resume at a cluster's shape", scale),
     ):
         if wanted is None or rid in wanted:
             section(table, rid, metric, fn)
@@ -802,7 +870,10 @@ def main() -> int:
         f"torchrun --max-restarts={P4_RESTARTS}.",
         *notes,
     ]
-    text = "\n".join([*header, "", table.markdown(), "", *(f"- {n}" for n in notes)]) + "\n"
+    text = "\n".join(
+        [*header, "", table.markdown(), "", *(f"- {n}" for n in notes), *(f"\n{e}" for e in extra)]
+    )
+    text += "\n"
     print(text)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

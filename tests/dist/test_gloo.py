@@ -370,7 +370,7 @@ def _resume_worker(env, run_dirs: list[str], empty_dirs: list[str]) -> dict:
         "weights_before": before,
         "weights": safetensors.torch.save(fresh.model.state_dict()),
         "optim": _to_bytes(fresh.optimizer.state_dict()),
-        "own_dir": sorted(p.name for p in (Path(run_dirs[env.rank]) / "checkpoints").glob("*")),
+        "own_dir": sorted(p.name for p in (Path(run_dirs[env.rank]) / "checkpoints").glob("step_*")),
     }
     # A checkpoint from another config: every rank fails the same way (no rank left hanging).
     try:

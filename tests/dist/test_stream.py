@@ -175,8 +175,8 @@ def test_a_copy_corrupted_in_transit_is_sent_again_not_dropped(tmp_path: Path) -
 def _failed_only_copy_worker(env, run_dirs: list[str]) -> dict:
     from train.checkpointing.resume import resume
 
-    # Node 1 holds the only checkpoint, and it is corrupt; node 0 holds none, so its rank
-    # receives the copy straight into its model while node 1 reads (and then rejects) it.
+    # Node 1 holds the only checkpoint, and it is corrupt; node 0 holds none, so its rank would
+    # receive the copy straight into its model, but only once node 1 has read and verified it.
     own, nodes = _one_node_saves(env, run_dirs, steps=2, saver=1)
     if env.rank == 1:
         model = own / "checkpoints" / "step_00000002" / "model.safetensors"
@@ -190,12 +190,11 @@ def _failed_only_copy_worker(env, run_dirs: list[str]) -> dict:
     return {"resumed": resumed and vars(resumed), "init": init, "weights": safetensors.torch.save(fresh.model.state_dict())}
 
 
-def test_a_rank_that_received_a_copy_that_failed_starts_from_clean_weights(tmp_path: Path) -> None:
+def test_a_copy_that_fails_at_its_reader_never_reaches_another_rank(tmp_path: Path) -> None:
     run_dirs = [str(tmp_path / "node0"), str(tmp_path / "node1")]
     nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
     (r0, log0), (r1, _) = run_group(_failed_only_copy_worker, run_dirs, extra_env=nodes)
     assert r0["resumed"] is None and r1["resumed"] is None  # step 1: no valid checkpoint anywhere
-    # Rank 0's model held part of the rejected copy: it starts from the weights of rank 1, which
-    # never received (in a job every rank starts from the same ones), not from that part.
-    assert r0["weights"] == r1["weights"] == r1["init"] != r0["init"]
+    # Nothing is sent before every reader verified its copy: rank 0's model was never touched.
+    assert r0["weights"] == r0["init"] and r1["weights"] == r1["init"]
     assert any("step_00000002 is not usable" in line for line in log0)

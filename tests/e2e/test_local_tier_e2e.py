@@ -39,5 +39,6 @@ def test_the_local_tier_keeps_only_its_newest_checkpoint(corpus: Path, tmp_path:
     result = run_torchrun(args, max_restarts=0, env={"FTJOB_FAULT": "slow:ms=30;crash:step=23:rank=0"})
     assert result.returncode != 0
     mine = local / (run_dir / ".run-id").read_text().strip()
-    assert sorted(p.name for p in mine.iterdir()) == ["step_00000015"]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+    assert sorted(p.name for p in mine.glob("step_*")) == ["step_00000015"]
+    durable = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert durable == ["step_00000010", "step_00000020"]

@@ -127,23 +127,3 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_set_aside(corpus: Path, tmp
     names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert any(n.startswith("step_00000020.invalid-") for n in names), names
     assert {"step_00000020", "step_00000030"} <= set(names)
-
-
-def test_three_ranks_resume_bit_exact(corpus: Path, tmp_path: Path) -> None:
-    """With 3+ ranks, float sums depend on DDP's bucket layout: a resume must not change it."""
-    opts = {"max_steps": 30, "global_batch_size": 24}
-    reference = tmp_path / "reference"
-    assert run_torchrun(tiny_args(reference, corpus, **opts), nproc=3).returncode == 0
-    run_dir = tmp_path / "run"
-    result = run_torchrun(
-        tiny_args(run_dir, corpus, **opts),
-        nproc=3,
-        max_restarts=1,
-        env={"FTJOB_FAULT": "crash:step=15:rank=2"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "resumed from step 10" in result.stderr
-    assert train_losses(run_dir) == train_losses(reference)
-    final = "checkpoints/step_00000030/model.safetensors"
-    a, b = safetensors.torch.load_file(reference / final), safetensors.torch.load_file(run_dir / final)
-    assert all(torch.equal(a[k], b[k]) for k in a)

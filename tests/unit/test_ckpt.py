@@ -20,6 +20,7 @@ from train.ckpt import fs as fs_mod
 from train.ckpt import manifest as mf
 from train.ckpt import storage as storage_mod
 from train.ckpt.manager import CheckpointManager, decode
+from train.ckpt.marks import MARKS
 from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage
 from train.errors import IncompatibleCheckpointError
 from train.sampler import GlobalSampler
@@ -537,7 +538,7 @@ def test_failed_write_leaves_no_checkpoint_and_the_previous_intact(tmp_path, mon
         save_steps(m, 2)
     monkeypatch.undo()
 
-    assert sorted(os.listdir(tmp_path)) == ["step_00000001"]  # no step_2, no temporaries
+    assert sorted(os.listdir(tmp_path)) == [MARKS, "step_00000001"]  # no step_2, no temporaries
     assert snapshot_tree(tmp_path / "step_00000001") == before
     loaded = m.load_latest()
     assert loaded.step == 1 and loaded.skipped == []

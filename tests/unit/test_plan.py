@@ -5,7 +5,19 @@ from __future__ import annotations
 
 import pytest
 
-from train.checkpointing.plan import DURABLE, LOCAL, Copy, Failures, Foreign, Report, Role, choose, roles
+from train.checkpointing.plan import (
+    DURABLE,
+    LOCAL,
+    Copy,
+    Failures,
+    Foreign,
+    Report,
+    Role,
+    choose,
+    readers,
+    receivers,
+    roles,
+)
 from train.ckpt import select
 
 FP = "fp"
@@ -62,31 +74,48 @@ def test_nodes_holding_another_state_under_the_same_step_are_flagged() -> None:
     assert plan is not None and plan.mixed and plan.source == 0 and sorted(plan.holders) == [0]
 
 
-def test_roles_own_copy_receive() -> None:
-    # ranks 0,1 on node 0 (rank 0 holds it), rank 2 on node 1 (holds nothing), rank 3 on node 1
+def kinds(round_roles: list[Role]) -> list[str]:
+    return [r.kind if r.kind != "follow" else f"follow {r.leader}" for r in round_roles]
+
+
+def test_roles_one_rank_a_node_reads_or_receives_the_others_follow_it() -> None:
+    # ranks 0,1 on node 0 (rank 0 holds it), ranks 2,3 on node 1 (holding nothing)
     reports = [report(0, copy(10)), report(0), report(1), report(1)]
     plan = choose(reports, set(), FP)
     assert plan is not None
-    assert [r.kind for r in roles(plan, reports, shared=False, forced=set())] == [
+    assert kinds(roles(plan, reports, shared=False, forced=set())) == [
         "own",
-        "copy",
+        "follow 0",
         "receive",
-        "receive",
+        "follow 2",
     ]
-    # a shared directory: everyone reads the durable copy
-    assert [r.kind for r in roles(plan, reports, shared=True, forced=set())] == [
+    # a shared directory: node 1's leader reads the durable copy, once for its node
+    assert kinds(roles(plan, reports, shared=True, forced=set())) == ["own", "follow 0", "copy", "follow 2"]
+    # a node whose rank failed to read another's copy receives from now on
+    assert kinds(roles(plan, reports, shared=True, forced={2})) == ["own", "follow 0", "receive", "follow 2"]
+    # the node's holder leads it, whatever its rank
+    reports = [report(0), report(0, copy(10)), report(0), report(0)]
+    plan = choose(reports, set(), FP)
+    assert plan is not None
+    assert kinds(roles(plan, reports, shared=True, forced=set())) == [
+        "follow 1",
         "own",
-        "copy",
-        "copy",
-        "copy",
+        "follow 1",
+        "follow 1",
     ]
-    # a rank that failed to read another's copy receives from now on
-    assert [r.kind for r in roles(plan, reports, shared=True, forced={2})] == [
-        "own",
-        "copy",
-        "receive",
-        "copy",
+
+
+def test_eight_ranks_a_node_read_one_copy_a_node() -> None:
+    reports = [
+        report(node, *([copy(10, node=f"n{node}")] if rank % 8 == 0 else []))
+        for node in range(3)
+        for rank in range(node * 8, node * 8 + 8)
     ]
+    plan = choose(reports, set(), FP)
+    assert plan is not None
+    for shared in (True, False):
+        round_roles = roles(plan, reports, shared=shared, forced=set())
+        assert readers(round_roles) == [0, 8, 16] and receivers(round_roles) == []
 
 
 def test_a_node_local_copy_is_never_read_by_another_node() -> None:
@@ -105,6 +134,10 @@ def test_failures_drop_the_bad_copy_force_receivers_and_retry_transfers() -> Non
     # only the receiver failed, the sender verified: no copy dropped, the transfer is tried again
     assert failures.add(plan, round_roles, ["", "", "checksum mismatch as received"]) == []
     assert failures.transfers == 1 and not failures.excluded
+    # only a follower failed: the same
+    assert failures.add(plan, [round_roles[0], Role("follow", leader=0)], ["", "checksum mismatch"]) == []
+    assert failures.transfers == 2 and not failures.excluded
+    failures.transfers = 0
     # the copier failed: it receives next time
     failures.add(plan, round_roles, ["", "EIO", ""])
     assert failures.forced == {1}

@@ -21,5 +21,5 @@ def test_the_library_example_runs_and_resumes(tmp_path: Path) -> None:
             [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr[-3000:]
-    steps = sorted(p.name for p in (tmp_path / "runs" / "mine" / "checkpoints").iterdir())
+    steps = sorted(p.name for p in (tmp_path / "runs" / "mine" / "checkpoints").glob("step_*"))
     assert steps == ["step_00000150", "step_00000200"]  # keep=2: the two newest of 50..200

@@ -119,6 +119,7 @@ class Checkpointer:
             shared=self.layout.shared,
             run_dir=self.run_dir,
             run_id=self.run_id,
+            load_timeout_s=self.cfg.load_timeout_s,
         )
 
     def agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, Agreement]:

@@ -63,8 +63,11 @@ class Plan:
 
 @dataclass(frozen=True)
 class Role:
-    kind: Literal["own", "copy", "receive"]  # read its own copy, read another node's, receive one
+    # read its own copy, read another node's, receive one from the source over the network, or
+    # take its node leader's (whichever of the others that rank does): one copy per node
+    kind: Literal["own", "copy", "receive", "follow"]
     copy: Copy | None = None
+    leader: int = -1  # a follower's: the rank on its node that reads or receives
 
 
 class Foreign(Exception):
@@ -109,27 +112,57 @@ def choose(reports: list[Report], excluded: set[tuple[int, str]], fingerprint: s
     return Plan(chosen, pick.holder, holders, mixed)
 
 
+_PREFERRED = {"own": 0, "copy": 1, "receive": 2}  # what a node's leader does, best first
+
+
 def roles(plan: Plan, reports: list[Report], shared: bool, forced: set[int]) -> list[Role]:
-    """What each rank does this round. ``shared``: the nodes see one durable directory;
-    ``forced``: ranks that failed to read another node's copy before, and now receive one."""
-    out = []
+    """What each rank does this round: on each node one rank (the leader) reads a copy or
+    receives one; the node's other ranks follow it, so a node pulls one copy from storage or the
+    network whatever its number of ranks. ``shared``: the nodes see one durable directory;
+    ``forced``: ranks that failed to read another node's copy before: their node receives now."""
+    forced_nodes = {reports[rank].node for rank in forced}
+    alone = []
     for rank, report in enumerate(reports):
         if rank in plan.holders:
-            out.append(Role("own", plan.holders[rank]))
+            alone.append(Role("own", plan.holders[rank]))
             continue
         role = Role("receive")
-        if rank not in forced:
+        if report.node not in forced_nodes:
             for holder, c in sorted(plan.holders.items()):
                 # A shared directory shares the durable tier; a node-local tier is only ever its node's.
                 if (shared and c.tier == DURABLE) or reports[holder].node == report.node:
                     role = Role("copy", c)
                     break
-        out.append(role)
+        alone.append(role)
+    out = list(alone)
+    for ranks in node_ranks(reports).values():
+        leader = min(ranks, key=lambda r: (_PREFERRED[alone[r].kind], r))
+        for rank in ranks:
+            if rank != leader:
+                out[rank] = Role("follow", leader=leader)
     return out
 
 
+def node_ranks(reports: list[Report]) -> dict[int, list[int]]:
+    """Each node's ranks, in rank order."""
+    nodes: dict[int, list[int]] = {}
+    for rank, report in enumerate(reports):
+        nodes.setdefault(report.node, []).append(rank)
+    return nodes
+
+
 def receivers(roles_: list[Role]) -> list[int]:
+    """The ranks that receive the checkpoint from the source over the network (node leaders)."""
     return [rank for rank, role in enumerate(roles_) if role.kind == "receive"]
+
+
+def readers(roles_: list[Role]) -> list[int]:
+    """The ranks that read a copy from storage: one per node that can see one."""
+    return [rank for rank, role in enumerate(roles_) if role.kind in ("own", "copy")]
+
+
+def followers(roles_: list[Role], leader: int) -> list[int]:
+    return [rank for rank, role in enumerate(roles_) if role.kind == "follow" and role.leader == leader]
 
 
 @dataclass
@@ -150,6 +183,8 @@ class Failures:
             if not problem:
                 continue
             role = roles_[rank]
+            if role.kind == "follow":
+                continue  # its leader's outcome tells a bad copy; alone, it is a failed transfer
             if role.kind == "copy":
                 self.forced.add(rank)  # it cannot read that copy after all: it receives one next time
                 transfer_only = False

@@ -5,13 +5,13 @@
    every list.
 2. Every rank applies the same rule to the same lists (plan.py), so no two can pick different
    checkpoints: the newest step on any node; the lowest rank that holds it sends it.
-3. Every rank that can see a copy (its own node's, or any in a shared run directory) reads and
-   verifies that copy. The sender streams its copy, while reading it, to the ranks that cannot see
-   one (stream.py): only nodes that lack the checkpoint get it over the network. A receiver decodes
-   each file as it arrives (train/ckpt/decoder.py), the weights straight into its model's own
-   tensors, and verifies it against the manifest, as a reader does.
-4. One all-gather of the outcomes. If any copy failed (checksum, decoding, does not fit the model)
-   the round repeats without it: another node's copy, or the next older step, as on one node.
+3. One rank per node (its leader) reads and verifies a copy it can see (its node's own, or one
+   in a shared directory), or receives one from the source over the network if its node sees
+   none; the node's other ranks get the bytes from their leader (fetch.py). So a node pulls one
+   copy, whatever its number of ranks, and slow storage is waited for in short polls
+   (together.py), never inside a collective whose timeout could end every start.
+4. The outcomes are shared. If any copy failed (checksum, decoding, does not fit the model) the
+   round repeats without it: another node's copy, or the next older step, as on one node.
 
 So a node whose disk was lost, or a replacement that joined with an empty directory, resumes where
 the others are, never at step 1.
@@ -19,31 +19,33 @@ the others are, never at step 1.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch.distributed as dist
 
+from train.checkpointing import fetch, snapshot
 from train.checkpointing import plan as planner
-from train.checkpointing import snapshot, stream
+from train.checkpointing.fetch import INCOMPATIBLE, Objects
 from train.checkpointing.plan import Copy, Plan, Report, Role
-from train.ckpt.decoder import Decoder
-from train.ckpt.manager import CheckpointManager, decode
+from train.ckpt.manager import CheckpointManager, bytes_read
 from train.ckpt.manifest import Problem
-from train.ckpt.objstore import open_storage
 from train.errors import IncompatibleCheckpointError, StorageError
 from train.observe import records
 from train.runtime import comm
+from train.runtime import env as env_facts
 from train.runtime.dist import DistEnv
-from train.state import CKPT_FILES, TrainState
+from train.state import TrainState
 
 log = logging.getLogger("train")
 RECORD_TAIL = 16 << 20  # of metrics.jsonl: the newest step logged is near its end
-Objects = dict[str, Any]  # a checkpoint's files, decoded
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,18 @@ class Resumed:
     lost_steps: int  # completed steps the record shows beyond it
     skipped: list[str]  # newer checkpoints that were not usable, newest first
     source_rank: int
-    received_by: list[int]  # ranks that could not read a copy and received it
+    received_by: list[int]  # node leaders that could not read a copy and received it
+    read_by: list[int]  # ranks that read a copy from storage (at most one a node)
+    # What it cost, per rank: bytes pulled from checkpoint storage (manifests too) or from another
+    # node; bytes of its leader's copy read again from the node's page cache; bytes the kernel
+    # fetched from storage devices for it (page cache hits do not count); host memory at the peak
+    # beyond what the rank holds once resumed. And the seconds from the start of the resume to its
+    # end on the slowest rank.
+    pulled_bytes: list[int] = field(default_factory=list)
+    reread_bytes: list[int] = field(default_factory=list)
+    disk_read_bytes: list[int] = field(default_factory=list)
+    peak_excess_bytes: list[int] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def _digest(entries: dict) -> str:
@@ -118,90 +131,6 @@ def _tier(tier: int, manager: CheckpointManager, run_id: str) -> list[Copy]:
     return found
 
 
-INCOMPATIBLE = "incompatible: "  # an outcome every rank turns into the same permanent error
-
-
-def _check(state: TrainState, entries: dict, objects: Objects) -> None:
-    """Problem unless every part of the checkpoint fits this job: nothing live is touched until
-    every rank's copy passed (a half-done restore could not be undone)."""
-    if set(objects) != set(entries):
-        raise Problem("it does not hold the files its manifest lists")
-    try:
-        snapshot.check(state, objects)
-    except IncompatibleCheckpointError as e:
-        raise Problem(f"{INCOMPATIBLE}{e}") from None
-    except Exception as e:  # whatever a crafted file makes the checks raise
-        raise Problem(f"its contents do not fit this job ({type(e).__name__}: {str(e)[:200]})") from None
-
-
-def _load(
-    env: DistEnv, state: TrainState, managers: list[CheckpointManager], plan: Plan, roles: list[Role]
-) -> tuple[Objects, str]:
-    """This rank's part of one round: (its files decoded, "" or why they are not usable)."""
-    receivers = planner.receivers(roles)
-    group = dist.new_group([plan.source, *receivers]) if receivers else None  # every rank calls it
-    role = roles[env.rank]
-    blobs: dict[str, bytes | memoryview] = {}
-    objects: Objects = {}
-    try:
-        if role.kind == "receive":
-            return _receive(env, state, plan.chosen, plan.source, group)
-        assert role.copy is not None
-        if role.kind == "own":
-            reader, name = managers[role.copy.tier], role.copy.name
-        else:
-            root, _, name = role.copy.location.rstrip("/").rpartition("/")
-            reader = CheckpointManager(open_storage(root), keep=1, files=CKPT_FILES)
-        relay = None
-        if env.rank == plan.source and group is not None:
-            sizes = {f: e["size"] for f, e in plan.chosen.entries.items()}
-            relay = stream.Relay(sizes, env.device, plan.source, group)
-        problem = ""
-        try:
-            manifest, blobs = reader.read_verified(name, on_chunk=relay.piece if relay else None)
-            if _digest(manifest["files"]) != plan.chosen.digest:
-                raise Problem("it changed since it was listed")
-            objects = decode(blobs)
-            _check(state, plan.chosen.entries, objects)
-        except Problem as p:
-            problem = str(p)
-        except Exception as e:  # an I/O error (EIO, ESTALE...): this copy fails, the round goes on
-            problem = f"{type(e).__name__}: {e}"
-        finally:
-            if relay is not None:  # the receivers wait for every chunk, whatever happened here
-                relay.finish(blobs)
-        if role.kind == "own":
-            reader.record(name, problem)
-        return (objects if not problem else {}), problem
-    finally:
-        if group is not None:
-            dist.destroy_process_group(group)
-
-
-def _receive(env: DistEnv, state: TrainState, chosen: Copy, source: int, group) -> tuple[Objects, str]:
-    """Each file decoded as it arrives, the model's part straight into the model's own tensors: no
-    copy of the checkpoint is ever whole in memory here (if it then fails to verify, the model
-    holds part of it: see resume())."""
-    objects: Objects = {}
-    problems = []
-    targets = state.targets()
-    for file, entry in chosen.entries.items():
-        decoder = Decoder(file, entry["size"], targets.get(file))
-        if stream.receive(entry["size"], env.device, source, group, decoder.feed) != entry["xxh3_64"]:
-            problems.append(f"{file}: checksum mismatch as received")
-            continue
-        try:
-            objects[file] = decoder.result()
-        except Exception as e:  # as decode() does: whatever a malformed file raises
-            problems.append(f"{file} does not deserialise: {str(e)[:200] or type(e).__name__}")
-    if not problems:
-        try:
-            _check(state, chosen.entries, objects)
-        except Exception as e:  # never raise alone: the other ranks are waiting for the outcome
-            problems.append(str(e) if isinstance(e, Problem) else f"{type(e).__name__}: {e}")
-    return (objects if not problems else {}), "; ".join(problems)
-
-
 def _resync(state: TrainState, env: DistEnv, received: set[int]) -> None:
     """The model of a rank that received into it holds part of a checkpoint that failed: start it
     again from the weights of a rank that never received (every rank starts from the same ones)."""
@@ -234,6 +163,7 @@ def resume(
     shared: bool = True,
     run_dir: Path | None = None,
     run_id: str = "",
+    load_timeout_s: float = 1800.0,
 ) -> Resumed | None:
     """Collective: restore ``state`` from the newest valid checkpoint on any node; None if there
     is none. ``reads``: this rank reads its node's checkpoints (see replicas.py); ``local``: its
@@ -241,7 +171,11 @@ def resume(
     copy of another node's is visible here (otherwise only this node's are: the same path on
     another machine is another disk); ``run_dir``: where metrics.jsonl tells the progress made
     (default: the checkpoint directory's parent); ``run_id``: the run's agreed id, which a local
-    copy must carry (if it carries one at all: copies written before ids were stamped)."""
+    copy must carry (if it carries one at all: copies written before ids were stamped);
+    ``load_timeout_s``: the longest a rank's read (or the send after it) may take."""
+    before = _Counts(time.monotonic(), bytes_read(), fetch.REREAD.total, env_facts.disk_read_bytes())
+    pulled = 0
+    env_facts.reset_peak()
     run_dir = run_dir or Path(manager.storage.location("")).parent
     managers = [manager, *([local] if local is not None else [])]
     copies, unlisted = _listed([manager if reads else None, local], run_id)
@@ -259,39 +193,90 @@ def resume(
         )
     failures = planner.Failures()
     received: set[int] = set()  # ranks that received (into their model) in any round
-    while True:
-        try:
-            plan = planner.choose(reports, failures.excluded, fingerprint)
-        except planner.Foreign as e:
-            raise IncompatibleCheckpointError(str(e), echo=env.rank == 0) from None
-        if plan is None:
-            _nothing(state, env, reports, received)
-            return None
-        if plan.mixed:
-            log.warning(
-                "nodes hold different checkpoints of step %d; using rank %d's", plan.chosen.step, plan.source
-            )
-        roles = planner.roles(plan, reports, shared, failures.forced)
-        received.update(planner.receivers(roles))
-        objects, problem = _load(env, state, managers, plan, roles)
-        outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
-        if not any(outcomes):
-            break
-        incompatible = next((o for o in outcomes if o.startswith(INCOMPATIBLE)), None)
-        if incompatible is not None:  # the same data and seed fail everywhere: not worth a fallback
-            raise IncompatibleCheckpointError(incompatible[len(INCOMPATIBLE) :], echo=env.rank == 0)
-        objects = {}  # not two copies in memory during the next round
-        for location, why in failures.add(plan, roles, outcomes):
-            log.warning("checkpoint %s is not usable (%s); trying the next older one", location, why)
-        for rank, why in enumerate(outcomes):
-            if why and roles[rank].kind == "receive" and not outcomes[plan.source]:
-                log.warning("checkpoint %s arrived corrupt at rank %d (%s)", plan.chosen.location, rank, why)
-        if failures.transfers > 1:
-            raise RuntimeError(
-                f"checkpoint step {plan.chosen.step} arrived corrupt twice, though its sender "
-                "verified it: a network or memory fault? ending this attempt"
-            )
-    return _restored(state, env, reports, plan, roles, objects, failures.skipped)
+    with _node_group(env, reports) as node:
+        while True:
+            try:
+                plan = planner.choose(reports, failures.excluded, fingerprint)
+            except planner.Foreign as e:
+                raise IncompatibleCheckpointError(str(e), echo=env.rank == 0) from None
+            if plan is None:
+                _nothing(state, env, reports, received)
+                return None
+            if plan.mixed:
+                step, source = plan.chosen.step, plan.source
+                log.warning("nodes hold different checkpoints of step %d; using rank %d's", step, source)
+            roles = planner.roles(plan, reports, shared, failures.forced)
+            done = fetch.run_round(env, state, managers, plan, roles, node, load_timeout_s)
+            if done.moved:
+                received.update(r for r, role in enumerate(roles) if role.kind in ("receive", "follow"))
+                if roles[env.rank].kind == "receive":
+                    pulled += sum(e["size"] for e in plan.chosen.entries.values())
+            if not any(done.outcomes):
+                resumed = _restored(state, env, reports, plan, roles, done.objects, failures.skipped)
+                break
+            _failed(env, plan, roles, done.outcomes, failures)
+    del done  # the decoded files: what the state does not hold now is freed before the peak is read
+    return _with_costs(resumed, env, before, pulled)
+
+
+@dataclass(frozen=True)
+class _Counts:
+    time: float
+    read: int
+    reread: int
+    disk: int
+
+
+def _with_costs(resumed: Resumed, env: DistEnv, before: _Counts, received: int) -> Resumed:
+    """``resumed`` with what the resume cost every rank (one small all-gather)."""
+    resident, peak = env_facts.memory()
+    mine = [
+        received + bytes_read() - before.read,
+        fetch.REREAD.total - before.reread,
+        env_facts.disk_read_bytes() - before.disk,
+        max(peak - resident, 0),
+        time.monotonic() - before.time,
+    ]
+    costs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(mine).encode(), env.device)]
+    pulled, reread, disk, excess, seconds = zip(*costs, strict=True)
+    return dataclasses.replace(
+        resumed,
+        pulled_bytes=list(pulled),
+        reread_bytes=list(reread),
+        disk_read_bytes=list(disk),
+        peak_excess_bytes=list(excess),
+        seconds=round(max(seconds), 3),
+    )
+
+
+@contextlib.contextmanager
+def _node_group(env: DistEnv, reports: list[Report]) -> Iterator[dist.ProcessGroup | None]:
+    """This node's group for the resume's rounds (None: its only rank)."""
+    node = fetch.node_group(env, planner.node_ranks(reports)[env.node]) if env.local_world_size > 1 else None
+    try:
+        yield node
+    finally:
+        if node is not None:
+            dist.destroy_process_group(node)
+
+
+def _failed(
+    env: DistEnv, plan: Plan, roles: list[Role], outcomes: list[str], failures: planner.Failures
+) -> None:
+    """After a round in which some copy failed: what the next round leaves out (or raises)."""
+    incompatible = next((o for o in outcomes if o.startswith(INCOMPATIBLE)), None)
+    if incompatible is not None:  # the same data and seed fail everywhere: not worth a fallback
+        raise IncompatibleCheckpointError(incompatible[len(INCOMPATIBLE) :], echo=env.rank == 0)
+    for location, why in failures.add(plan, roles, outcomes):
+        log.warning("checkpoint %s is not usable (%s); trying the next older one", location, why)
+    for rank, why in enumerate(outcomes):
+        if why and roles[rank].kind in ("receive", "follow") and not outcomes[plan.source]:
+            log.warning("checkpoint %s arrived corrupt at rank %d (%s)", plan.chosen.location, rank, why)
+    if failures.transfers > 1:
+        raise RuntimeError(
+            f"checkpoint step {plan.chosen.step} arrived corrupt twice, though its sender "
+            "verified it: a network or memory fault? ending this attempt"
+        )
 
 
 def _restored(
@@ -320,4 +305,5 @@ def _restored(
         chosen.step + 1,
     )
     skipped = sorted(unusable.union(dropped), reverse=True)
-    return Resumed(chosen.step, chosen.location, lost, skipped, plan.source, receivers)
+    readers = planner.readers(roles)
+    return Resumed(chosen.step, chosen.location, lost, skipped, plan.source, receivers, readers)

@@ -1,7 +1,8 @@
-"""A file's bytes from one rank to a group of others, sent while the sender is still reading it.
+"""A file's bytes from one rank to a group of others, in chunks, decoded as they land.
 
-Both sides cut a file of known size into the same fixed chunks. The sender broadcasts each chunk
-as soon as its read has filled it, so reading and sending overlap. A receiver cycles through a
+Both sides cut a file of known size into the same fixed chunks. A Sender broadcasts each chunk as
+soon as it has it: from a file read whole (the resume sends only what its reader verified), or
+from a read still under way (``progress``), so that reading and sending overlap. A receiver cycles through a
 few chunk buffers: each chunk that lands is handed on (to a train.ckpt.decoder, which copies
 its bytes into the tensors that will hold them) and checksummed on a thread while the next
 arrives. So receiving costs little more than the sender's read, and never holds a whole file.
@@ -129,6 +130,23 @@ def receive(
         chunks._broadcast(view, sending=False, then=landed)
     chunks.drain()
     return hashing.digest()
+
+
+class Forward:
+    """Hands on each chunk as it lands here (``send``) to a group whose other members take the
+    same file with receive(): a receiving node leader passing the file on to its node's ranks."""
+
+    def __init__(self, device: torch.device, src: int, group: dist.ProcessGroup):
+        self.device, self.src, self.group = device, src, group
+        self._staging = torch.empty(CHUNK, dtype=torch.uint8, device=device) if device.type != "cpu" else None
+
+    def send(self, chunk: torch.Tensor) -> None:
+        if self._staging is None:
+            dist.broadcast(chunk, self.src, group=self.group)
+            return
+        staged = self._staging[: chunk.numel()]
+        staged.copy_(chunk)
+        dist.broadcast(staged, self.src, group=self.group)
 
 
 class Relay:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-POINTS = ("ckpt.file_written", "ckpt.before_rename", "ckpt.after_rename", "ckpt.list")
+POINTS = ("ckpt.file_written", "ckpt.before_rename", "ckpt.after_rename", "ckpt.list", "ckpt.file_read")
 
 _on_point: Callable[[str], object] = lambda name: None  # noqa: E731
 _on_context: Callable[..., object] = lambda **context: None  # noqa: E731

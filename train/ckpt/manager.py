@@ -21,13 +21,15 @@ regular file of the listed size and checksum, and every file deserialises. A che
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from train.ckpt import hooks, select
 from train.ckpt import manifest as mf
-from train.ckpt.storage import INVALID_TAG, Storage, Unreadable
+from train.ckpt.marks import Marks
+from train.ckpt.storage import INVALID_TAG, LocalStorage, Storage, Unreadable
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,25 @@ def decode(blobs: dict[str, bytes | memoryview]) -> dict[str, Any]:
     return objects
 
 
+class ByteCounter:
+    """A total that several threads add to."""
+
+    def __init__(self) -> None:
+        self._lock, self.total = threading.Lock(), 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.total += n
+
+
+_READ = ByteCounter()
+
+
+def bytes_read() -> int:
+    """Bytes this process has read from checkpoint storage, through any manager (manifests too)."""
+    return _READ.total
+
+
 class CheckpointManager:
     def __init__(self, storage: Storage, keep: int, files: Iterable[str] | None = None):
         """``files``: the names every checkpoint must hold, exactly (None: whatever it lists)."""
@@ -80,6 +101,8 @@ class CheckpointManager:
         self.storage, self.keep = storage, keep
         self._verified: set[str] = set()
         self._failed: dict[str, str] = {}
+        # What an earlier process verified (see marks.py): local filesystems only.
+        self._marks = Marks(storage.root, storage.owners) if isinstance(storage, LocalStorage) else None
 
     # -- reading -----------------------------------------------------------------------------
     def _steps(self) -> list[tuple[int, str]]:
@@ -89,7 +112,9 @@ class CheckpointManager:
     def _read(self, name: str, file: str, **how: Any) -> bytes | memoryview:
         """storage.read(), with a file refused unread as manifest.Problem."""
         try:
-            return self.storage.read(name, file, **how)
+            data = self.storage.read(name, file, **how)
+            _READ.add(len(data))
+            return data
         except Unreadable as e:
             if e.actual is not None and how.get("size") is not None:
                 raise mf.Problem(
@@ -126,6 +151,7 @@ class CheckpointManager:
                     hashing.feed(piece)
                     on_chunk(file, piece)
 
+            hooks.point("ckpt.file_read")
             try:
                 data = self._read(name, file, on_chunk=feed, size=entry["size"])
             except FileNotFoundError:
@@ -141,6 +167,8 @@ class CheckpointManager:
         else:
             self._verified.add(name)
             self._failed.pop(name, None)
+        if self._marks is not None:
+            self._marks.update({name: not problem})
         return problem
 
     def record(self, name: str, problem: str) -> None:
@@ -289,6 +317,8 @@ class CheckpointManager:
                     log.warning("could not delete old checkpoint %s: %s", name, _io_error(e))
             elif self._still_valid(name):
                 kept, oldest_kept = kept + 1, step
+        if self._marks is not None:
+            self._marks.update({}, existing=self.storage.names())
         self._retain_set_aside(oldest_kept)
 
     def _retain_set_aside(self, oldest_kept: int | None) -> None:
@@ -302,10 +332,13 @@ class CheckpointManager:
                     log.warning("could not delete set-aside checkpoint %s: %s", name, e)
 
     def _still_valid(self, name: str) -> bool:
-        # Verify each checkpoint once per process: a newer one that failed would otherwise be read
-        # in full again on every save.
+        # Verify each checkpoint once per process (a newer one that failed would otherwise be read
+        # in full again on every save), and not at all if an earlier one did and nothing changed.
         if name not in self._verified and name not in self._failed:
-            self.verify(name)
+            if self._marks is not None and self._marks.holds(name):
+                self._verified.add(name)
+            else:
+                self.verify(name)
         return name in self._verified
 
 

@@ -6,6 +6,7 @@ in another process's environment. Standard library only (the warm-start hand-off
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,3 +122,64 @@ def children(pid: int) -> list[int]:
         except (OSError, ValueError):
             continue
     return found
+
+
+def memory() -> tuple[int, int]:
+    """This process's resident bytes now and at their peak (VmRSS, VmHWM); (0, 0) without /proc."""
+    found = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found.get("VmRSS", 0), found.get("VmHWM", 0)
+
+
+def reset_peak() -> None:
+    """Make the peak the current resident size, so a peak read later is of what ran since."""
+    with contextlib.suppress(OSError):  # not Linux, or /proc read-only: the peak is since start
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+# Filesystems another machine may be serving: a file there is not read once per node by re-reading it.
+_NETWORK_FS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "glusterfs",
+               "9p", "afs", "ocfs2", "gfs2", "fuse", "virtiofs"}  # fmt: skip
+
+
+def filesystem_type(path: str) -> str:
+    """The type of the filesystem holding ``path`` ("" if unknown), from /proc/self/mountinfo."""
+    real, best, kind = os.path.realpath(path), "", ""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        if len(fields) < 5 or not right:
+            continue
+        mount = fields[4].replace("\\040", " ")
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, right.split()[0]
+    return kind
+
+
+def on_local_filesystem(path: str) -> bool:
+    """Whether ``path`` is on a filesystem of this machine's own (not one a network may serve)."""
+    kind = filesystem_type(path)
+    return bool(kind) and kind.split(".")[0] not in _NETWORK_FS
+
+
+def disk_read_bytes() -> int:
+    """Bytes this process has had fetched from storage devices (/proc/self/io read_bytes: page cache
+    hits do not count); 0 where there is no such file."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -14,6 +14,8 @@ FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
   hang_write:save_step=40     the checkpoint write of step 40 never finishes (a hung NFS mount)
   fail_write:save_step=40     the checkpoint write of step 40 fails with EIO (a failing disk)
   slow_list:ms=3000           every listing of a checkpoint directory takes 3 s longer (a slow store)
+  slow_read:ms=9000:rank=0    every checkpoint file read (at resume, or retention's re-check) takes
+                              9 s longer on rank 0 (a slow disk, a cold bucket)
   raise:step=20:rank=1        an uncaught exception (RuntimeError) right after step 20
   hold_gil:step=5             after step 5, block in C holding the GIL: no Python thread runs again
 
@@ -52,7 +54,9 @@ KINDS = {
     "hang_write": ("save_step",),
     "fail_write": ("save_step",),
     "slow_list": ("ms",),
+    "slow_read": ("ms",),
 }
+_SLOW_POINTS = (("slow_list", "ckpt.list"), ("slow_read", "ckpt.file_read"))
 _STEP_KINDS = ("crash", "hang", "slow", "await_zygote", "raise", "hold_gil")
 
 _faults: list[dict[str, str]] = []
@@ -131,7 +135,7 @@ def _point(name: str) -> None:
             if kind == "fail_write":
                 raise OSError(errno.EIO, "fault injection: I/O error writing a checkpoint file")
             time.sleep(float(fault.get("ms", "1000")) / 1000)
-        elif kind == "slow_list" and name == "ckpt.list" and _matches(fault):
+        elif (kind, name) in _SLOW_POINTS and _matches(fault):
             time.sleep(float(fault.get("ms", "1000")) / 1000)
 
 

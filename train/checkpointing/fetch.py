@@ -1,0 +1,294 @@
+"""One round of the resume's data movement: the chosen checkpoint into every rank, one copy per node.
+
+1. Read. Each node's leader that can see a copy (its own, or a shared directory's) reads it,
+   verifies it against its manifest, decodes it and checks that it fits this job. Where that copy
+   is a file on the node's own disk, the node's other ranks read it at the same time, each through
+   a small buffer, decoding as they go and verifying what they read: the page cache holds each
+   page once for all of them, so the disk is read once. Every rank waits for the slowest in short
+   polls (together.py), however slow the storage, up to ``--ckpt.load-timeout-s``. Then every rank
+   learns every outcome; if a copy failed, the round ends here (resume.py tries without it).
+2. Send, where a node could not read the copy itself. From memory, at the wire's speed: the
+   source to the leaders of nodes that see no copy (stream.py; a receiving leader hands each chunk
+   on to its node's other ranks as it lands), and a leader whose copy is on shared storage or in a
+   bucket to its node's other ranks over the node's group (built once per resume, by its members
+   only). A receiver decodes each file as it arrives, the weights straight into its model's own
+   tensors (train/ckpt/decoder.py), and checks it as a reader does.
+
+So a node pulls one copy from storage or the network, whatever its number of ranks, and holds one
+whole copy in host memory (its leader's); its other ranks hold a few chunks each.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import xxhash
+
+from train.checkpointing import snapshot, stream, together
+from train.checkpointing.plan import Copy, Plan, Role, followers, receivers
+from train.ckpt.decoder import Decoder
+from train.ckpt.manager import ByteCounter, CheckpointManager, decode
+from train.ckpt.manifest import Problem
+from train.ckpt.objstore import open_storage
+from train.ckpt.storage import LocalStorage
+from train.errors import IncompatibleCheckpointError
+from train.runtime import comm
+from train.runtime import env as env_facts
+from train.runtime.dist import DistEnv
+from train.state import CKPT_FILES, TrainState
+
+Objects = dict[str, Any]  # a checkpoint's files, decoded
+INCOMPATIBLE = "incompatible: "  # an outcome every rank turns into the same permanent error
+LIMIT_FLAG = "--ckpt.load-timeout-s"
+REREAD = ByteCounter()  # bytes of a leader's copy this process read again (resume.py reports them)
+
+
+@dataclass
+class Round:
+    """What one round left on this rank."""
+
+    objects: Objects  # its files decoded ({} unless every rank's outcome was "")
+    outcomes: list[str]  # per rank: "" or why its copy is not usable
+    moved: bool  # the send step ran: receivers and followers decoded into their models
+
+
+def check(state: TrainState, entries: dict, objects: Objects) -> None:
+    """Problem unless every part of the checkpoint fits this job: nothing live is touched until
+    every rank's copy passed (a half-done restore could not be undone)."""
+    if set(objects) != set(entries):
+        raise Problem("it does not hold the files its manifest lists")
+    try:
+        snapshot.check(state, objects)
+    except IncompatibleCheckpointError as e:
+        raise Problem(f"{INCOMPATIBLE}{e}") from None
+    except Exception as e:  # whatever a crafted file makes the checks raise
+        raise Problem(f"its contents do not fit this job ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def node_group(env: DistEnv, ranks: list[int]) -> dist.ProcessGroup | None:
+    """This node's ranks' own group, for the node's copy to reach its followers; only its members
+    build it (a cluster's nodes build theirs at once, not one after another)."""
+    if len(ranks) < 2:
+        return None
+    return dist.new_group(ranks, use_local_synchronization=True)
+
+
+def run_round(
+    env: DistEnv,
+    state: TrainState,
+    managers: list[CheckpointManager],
+    plan: Plan,
+    roles: list[Role],
+    node: dist.ProcessGroup | None,
+    limit_s: float,
+) -> Round:
+    """Collective: this round's read and, if every copy read was good, its send."""
+    role = roles[env.rank]
+    read = together.run(
+        _reader(state, managers, plan, roles, env.rank),
+        limit_s,
+        f"reading checkpoint {plan.chosen.location}",
+        LIMIT_FLAG,
+    )
+    blobs, objects, problem = read or ({}, {}, "")
+    outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
+    followed = any(r.kind == "follow" for r in roles)  # some may have decoded into their models
+    if any(outcomes):
+        return Round({}, outcomes, moved=followed)
+    remote = receivers(roles)
+    if not remote and not followed:  # every rank read its own copy
+        return Round(objects, outcomes, moved=False)
+    cross = dist.new_group([plan.source, *remote]) if remote else None  # every rank calls it
+    try:
+        got = together.run(
+            _send_or_receive(env, state, plan, roles, blobs, node, cross)
+            if role.kind != "follow" or not direct(roles, role.leader)
+            else None,
+            limit_s,
+            f"moving checkpoint {plan.chosen.location} between ranks",
+            LIMIT_FLAG,
+        )
+    finally:
+        if cross is not None:
+            dist.destroy_process_group(cross)
+    del blobs  # the leader's whole copy: not two in memory during a next round
+    if got is not None:
+        objects, problem = got
+    outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
+    return Round(objects if not any(outcomes) else {}, outcomes, moved=True)
+
+
+def _reader(
+    state: TrainState, managers: list[CheckpointManager], plan: Plan, roles: list[Role], rank: int
+) -> Callable[[], tuple[dict, Objects, str]] | None:
+    """This rank's part of the read step: a leader reads its copy; where that copy is a file on the
+    node's own disk the node's other ranks read it too, at the same time (the page cache holds
+    each page once, whoever asked first: the disk is read once), each verifying what it read."""
+    role = roles[rank]
+    if role.kind in ("own", "copy"):
+        return lambda: _read(state, managers, plan, role)
+    leader = roles[role.leader] if role.kind == "follow" else None
+    if leader is None or leader.copy is None or not direct(roles, role.leader):
+        return None
+    copy = leader.copy
+    return lambda: ({}, *_reread(state, plan.chosen, copy))
+
+
+def _read(
+    state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role
+) -> tuple[dict, Objects, str]:
+    """A leader's read of its copy: (the files' bytes, decoded, "" or why not usable)."""
+    assert role.copy is not None
+    if role.kind == "own":
+        reader, name = managers[role.copy.tier], role.copy.name
+    else:
+        root, _, name = role.copy.location.rstrip("/").rpartition("/")
+        reader = CheckpointManager(open_storage(root), keep=1, files=CKPT_FILES)
+    blobs: dict = {}
+    objects: Objects = {}
+    problem = ""
+    try:
+        manifest, blobs = reader.read_verified(name)
+        if manifest["files"] != plan.chosen.entries:
+            raise Problem("it changed since it was listed")
+        objects = decode(blobs)
+        check(state, plan.chosen.entries, objects)
+    except Problem as p:
+        problem = str(p)
+    except Exception as e:  # an I/O error (EIO, ESTALE...): this copy fails, the round goes on
+        problem = f"{type(e).__name__}: {e}"
+    if role.kind == "own":
+        reader.record(name, problem)
+    return (blobs, objects, "") if not problem else ({}, {}, problem)
+
+
+def direct(roles: list[Role], leader: int) -> bool:
+    """Whether the leader's node reads the leader's copy too rather than being sent it: a file on
+    the node's own filesystem, whose pages the page cache holds once for every reader (one read
+    from the disk for the node, every rank decoding at once, nothing copied between ranks). Not on
+    a filesystem a network may serve (each read could be another pull), not from a bucket, not
+    when received. Called by the leader's node only: it reads this node's mount table."""
+    copy = roles[leader].copy
+    return copy is not None and "://" not in copy.location and env_facts.on_local_filesystem(copy.location)
+
+
+def _send_or_receive(
+    env: DistEnv,
+    state: TrainState,
+    plan: Plan,
+    roles: list[Role],
+    blobs: dict,
+    node: dist.ProcessGroup | None,
+    cross: dist.ProcessGroup | None,
+) -> Callable[[], tuple[Objects, str] | None] | None:
+    """This rank's part of the send step (None: nothing to do)."""
+    role, rank = roles[env.rank], env.rank
+    sizes = {f: e["size"] for f, e in plan.chosen.entries.items()}
+    mine = followers(roles, rank) if not direct(roles, rank) else []  # else: they read it themselves
+    if role.kind == "follow":
+        return lambda: _receive(env, state, plan.chosen, role.leader, node, None)
+    if role.kind == "receive":
+        assert cross is not None
+        return lambda: _receive(env, state, plan.chosen, plan.source, cross, node if mine else None)
+    sends = []
+    if rank == plan.source and cross is not None:
+        sends.append(lambda: stream.Relay(sizes, env.device, rank, cross).finish(blobs))
+    if mine:
+        sends.append(lambda: stream.Relay(sizes, env.device, rank, node).finish(blobs))
+    if not sends:
+        return None
+
+    def send_all() -> None:  # to other nodes and to this one at once: neither waits for the other
+        helpers = [threading.Thread(target=s, name="ftjob resume send", daemon=True) for s in sends[1:]]
+        for helper in helpers:
+            helper.start()
+        sends[0]()
+        for helper in helpers:
+            helper.join()
+
+    return send_all
+
+
+def _reread(state: TrainState, chosen: Copy, copy: Copy) -> tuple[Objects, str]:
+    """The leader's copy read by another rank of its node, in pieces through one small buffer:
+    decoded as they come and checked as the leader's is."""
+    root, _, name = copy.location.rstrip("/").rpartition("/")
+    storage = LocalStorage(root)
+
+    def feed_file(file: str, size: int, on_chunk: Callable[[torch.Tensor], object]) -> str:
+        hasher = xxhash.xxh3_64()
+
+        def piece(view: memoryview) -> None:
+            hasher.update(view)
+            REREAD.add(len(view))
+            on_chunk(torch.from_numpy(np.frombuffer(view, dtype=np.uint8)))
+
+        storage.stream(name, file, size, piece)
+        return hasher.hexdigest()
+
+    return _decoded(state, chosen, feed_file, "as read again")
+
+
+def _receive(
+    env: DistEnv,
+    state: TrainState,
+    chosen: Copy,
+    source: int,
+    group: dist.ProcessGroup | None,
+    onward: dist.ProcessGroup | None,
+) -> tuple[Objects, str]:
+    """The checkpoint from ``source`` over ``group``. ``onward``: this node's group, whose other
+    ranks get every chunk from here as it lands."""
+    assert group is not None
+    forward = stream.Forward(env.device, env.rank, onward) if onward is not None else None
+
+    def feed_file(file: str, size: int, on_chunk: Callable[[torch.Tensor], object]) -> str:
+        feed = on_chunk
+        if forward is not None:
+
+            def feed(chunk: torch.Tensor) -> None:
+                forward.send(chunk)
+                on_chunk(chunk)
+
+        return stream.receive(size, env.device, source, group, feed)
+
+    return _decoded(state, chosen, feed_file, "as received")
+
+
+FeedFile = Callable[[str, int, Callable[[torch.Tensor], object]], str]  # (file, size, on_chunk) -> xxh3
+
+
+def _decoded(state: TrainState, chosen: Copy, feed_file: FeedFile, how: str) -> tuple[Objects, str]:
+    """Each file decoded as its bytes arrive (``feed_file`` hands them on and returns their
+    checksum), the model's part straight into the model's own tensors: no copy of the checkpoint
+    is ever whole in memory here (if it then fails to verify, the model holds part of it: see
+    resume())."""
+    objects: Objects = {}
+    problems = []
+    targets = state.targets()
+    for file, entry in chosen.entries.items():
+        decoder = Decoder(file, entry["size"], targets.get(file))
+        try:
+            digest = feed_file(file, entry["size"], decoder.feed)
+        except Exception as e:  # an I/O error reading the copy again: this rank's copy fails
+            problems.append(f"{file}: {type(e).__name__}: {e}")
+            continue
+        if digest != entry["xxh3_64"]:
+            problems.append(f"{file}: checksum mismatch {how}")
+            continue
+        try:
+            objects[file] = decoder.result()
+        except Exception as e:  # as decode() does: whatever a malformed file raises
+            problems.append(f"{file} does not deserialise: {str(e)[:200] or type(e).__name__}")
+    if not problems:
+        try:
+            check(state, chosen.entries, objects)
+        except Exception as e:  # never raise alone: the other ranks are waiting for the outcome
+            problems.append(str(e) if isinstance(e, Problem) else f"{type(e).__name__}: {e}")
+    return (objects if not problems else {}), "; ".join(problems)
