@@ -71,12 +71,25 @@ def check(state: TrainState, entries: dict, objects: Objects) -> None:
         raise Problem(f"its contents do not fit this job ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def node_group(env: DistEnv, ranks: list[int]) -> dist.ProcessGroup | None:
-    """This node's ranks' own group, for the node's copy to reach its followers; only its members
-    build it (a cluster's nodes build theirs at once, not one after another)."""
-    if len(ranks) < 2:
-        return None
-    return dist.new_group(ranks, use_local_synchronization=True)
+class NodeGroup:
+    """This node's ranks' own group, for a leader's copy to reach the node's other ranks where they
+    cannot read it themselves. Built the first time a round needs it, by the node's members only
+    (a cluster's nodes build theirs at once, not one after another; whether a round needs it is the
+    same answer on all of them), and kept for the resume's later rounds."""
+
+    def __init__(self, ranks: list[int]):
+        self.ranks = ranks
+        self._group: dist.ProcessGroup | None = None
+
+    def get(self) -> dist.ProcessGroup:
+        if self._group is None:
+            self._group = dist.new_group(self.ranks, use_local_synchronization=True)
+        return self._group
+
+    def close(self) -> None:
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
+            self._group = None
 
 
 def run_round(
@@ -85,11 +98,14 @@ def run_round(
     managers: list[CheckpointManager],
     plan: Plan,
     roles: list[Role],
-    node: dist.ProcessGroup | None,
+    node: NodeGroup,
     limit_s: float,
 ) -> Round:
     """Collective: this round's read and, if every copy read was good, its send."""
     role = roles[env.rank]
+    leader = next(r for r in node.ranks if roles[r].kind != "follow")
+    sending = len(node.ranks) > 1 and not direct(roles, leader)  # the node's ranks get it from the leader
+    group = node.get() if sending else None  # before any other group: every member is here now
     read = together.run(
         _reader(state, managers, plan, roles, env.rank),
         limit_s,
@@ -107,7 +123,7 @@ def run_round(
     cross = dist.new_group([plan.source, *remote]) if remote else None  # every rank calls it
     try:
         got = together.run(
-            _send_or_receive(env, state, plan, roles, blobs, node, cross)
+            _send_or_receive(env, state, plan, roles, blobs, group, cross)
             if role.kind != "follow" or not direct(roles, role.leader)
             else None,
             limit_s,

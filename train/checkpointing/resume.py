@@ -250,14 +250,13 @@ def _with_costs(resumed: Resumed, env: DistEnv, before: _Counts, received: int) 
 
 
 @contextlib.contextmanager
-def _node_group(env: DistEnv, reports: list[Report]) -> Iterator[dist.ProcessGroup | None]:
-    """This node's group for the resume's rounds (None: its only rank)."""
-    node = fetch.node_group(env, planner.node_ranks(reports)[env.node]) if env.local_world_size > 1 else None
+def _node_group(env: DistEnv, reports: list[Report]) -> Iterator[fetch.NodeGroup]:
+    """This node's group for the resume's rounds, built if one needs it."""
+    node = fetch.NodeGroup(planner.node_ranks(reports)[env.node])
     try:
         yield node
     finally:
-        if node is not None:
-            dist.destroy_process_group(node)
+        node.close()
 
 
 def _failed(
