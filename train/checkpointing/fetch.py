@@ -104,15 +104,17 @@ def run_round(
     """Collective: this round's read and, if every copy read was good, its send."""
     role = roles[env.rank]
     leader = next(r for r in node.ranks if roles[r].kind != "follow")
-    sending = len(node.ranks) > 1 and not direct(roles, leader)  # the node's ranks get it from the leader
+    rereads = direct(roles, leader)  # this node's other ranks read the leader's copy themselves
+    sending = len(node.ranks) > 1 and not rereads  # else they get it from the leader
     group = node.get() if sending else None  # before any other group: every member is here now
     read = together.run(
-        _reader(state, managers, plan, roles, env.rank),
+        _reader(state, managers, plan, roles, env.rank, rereads),
         limit_s,
         f"reading checkpoint {plan.chosen.location}",
         LIMIT_FLAG,
     )
     blobs, objects, problem = read or ({}, {}, "")
+    del read  # ``blobs`` alone holds the leader's copy now
     outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
     followed = any(r.kind == "follow" for r in roles)  # some may have decoded into their models
     if any(outcomes):
@@ -124,7 +126,7 @@ def run_round(
     try:
         got = together.run(
             _send_or_receive(env, state, plan, roles, blobs, group, cross)
-            if role.kind != "follow" or not direct(roles, role.leader)
+            if role.kind != "follow" or sending
             else None,
             limit_s,
             f"moving checkpoint {plan.chosen.location} between ranks",
@@ -141,18 +143,23 @@ def run_round(
 
 
 def _reader(
-    state: TrainState, managers: list[CheckpointManager], plan: Plan, roles: list[Role], rank: int
+    state: TrainState,
+    managers: list[CheckpointManager],
+    plan: Plan,
+    roles: list[Role],
+    rank: int,
+    rereads: bool,
 ) -> Callable[[], tuple[dict, Objects, str]] | None:
     """This rank's part of the read step: a leader reads its copy; where that copy is a file on the
     node's own disk the node's other ranks read it too, at the same time (the page cache holds
-    each page once, whoever asked first: the disk is read once), each verifying what it read."""
+    each page once, whoever asked first: the disk is read once), each verifying what it read.
+    ``rereads``: direct() of this node's leader."""
     role = roles[rank]
     if role.kind in ("own", "copy"):
         return lambda: _read(state, managers, plan, role)
-    leader = roles[role.leader] if role.kind == "follow" else None
-    if leader is None or leader.copy is None or not direct(roles, role.leader):
+    copy = roles[role.leader].copy if role.kind == "follow" else None
+    if copy is None or not rereads:
         return None
-    copy = leader.copy
     return lambda: ({}, *_reread(state, plan.chosen, copy))
 
 
@@ -203,10 +210,11 @@ def _send_or_receive(
     node: dist.ProcessGroup | None,
     cross: dist.ProcessGroup | None,
 ) -> Callable[[], tuple[Objects, str] | None] | None:
-    """This rank's part of the send step (None: nothing to do)."""
+    """This rank's part of the send step (None: nothing to do). ``node``: this node's group where
+    its ranks get the copy from their leader (None: they read it themselves, or it has one rank)."""
     role, rank = roles[env.rank], env.rank
     sizes = {f: e["size"] for f, e in plan.chosen.entries.items()}
-    mine = followers(roles, rank) if not direct(roles, rank) else []  # else: they read it themselves
+    mine = followers(roles, rank) if node is not None else []
     if role.kind == "follow":
         return lambda: _receive(env, state, plan.chosen, role.leader, node, None)
     if role.kind == "receive":
