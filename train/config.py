@@ -82,13 +82,17 @@ class CkptConfig:
     """Consecutive failed saves (full disk, storage errors) after which the job stops; until then it
     keeps training and retries at the next interval."""
     save_timeout_s: float = 600.0
-    """A save still running after this long counts as hung storage: the attempt ends (exit 147,
-    retryable) instead of waiting forever."""
-    load_timeout_s: float = 1800.0
+    """A save still running after this long, plus its bytes at --ckpt.slowest-mb-s, counts as hung
+    storage: the attempt ends (exit 147, retryable) instead of waiting forever."""
+    load_timeout_s: float = 600.0
     """At resume, a rank's read of a checkpoint (or its send to the node's other ranks) still running
-    after this long counts as hung storage: the attempt ends (exit 147, retryable). Generous: every
-    other rank waits for the slowest reader in short polls, so a slow read costs only its own time,
-    whatever --dist.init-timeout-s is (80 GB at 100 MB/s is about 14 minutes)."""
+    after this long, plus the checkpoint's bytes at --ckpt.slowest-mb-s, counts as hung storage: the
+    attempt ends (exit 147, retryable). Every other rank waits for the slowest reader in short polls,
+    so a slow read costs only its own time, whatever --dist.init-timeout-s is."""
+    slowest_mb_s: float = 25.0
+    """The slowest storage (MB/s) a save or a resume's read is still waited for at: each limit above
+    grows by the bytes at this rate (an 80 GB checkpoint: 600 s + 3200 s), so a bigger model never
+    turns a slow store into a failure on every attempt. 0: the fixed timeouts alone."""
     local_interval: int = 0
     """Also save a node-local checkpoint every K steps between the durable ones (0: off): each node
     writes its own copy to --ckpt.local-dir, nothing crosses the network, only the newest is kept.
@@ -203,6 +207,7 @@ def validate(cfg: Config) -> None:
         (cfg.ckpt.max_failures >= 1, "--ckpt.max-failures must be >= 1"),
         (cfg.ckpt.save_timeout_s > 0, "--ckpt.save-timeout-s must be > 0"),
         (cfg.ckpt.load_timeout_s > 0, "--ckpt.load-timeout-s must be > 0"),
+        (cfg.ckpt.slowest_mb_s >= 0, "--ckpt.slowest-mb-s must be >= 0 (0: the timeouts alone)"),
         (cfg.ckpt.local_interval >= 0, "--ckpt.local-interval must be >= 0 (0: no node-local tier)"),
         (cfg.data.seq_len >= 1, "--data.seq-len must be >= 1"),
         (cfg.data.val_every >= 2, "--data.val-every must be >= 2"),

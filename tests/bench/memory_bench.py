@@ -50,6 +50,12 @@ def _reset_peak() -> int:
     return _status("VmRSS")
 
 
+def emit(row: dict) -> None:
+    """One JSON line in one write: two ranks share the stdout pipe, and print() may split a line
+    in two writes that the other rank's line lands between (the parent then reads ``{..}{..}``)."""
+    os.write(sys.stdout.fileno(), (json.dumps(row) + "\n").encode())
+
+
 def build_state(mb: int, seed: int, stepped: bool = True) -> TrainState:
     """``stepped``: as after training (AdamW's moments exist); else as a restarted process has it
     when it resumes - the model built, the optimizer without state yet."""
@@ -77,7 +83,7 @@ def save(mb: int, root: Path, m: CheckpointManager | None = None, kind: str = "s
         base = _reset_peak()
         m.save(step, snapshots.take(torch.device("cpu"), True)(), {"fingerprint": "bench"})
         growth = _status("VmHWM") - base
-        print(json.dumps({"kind": kind, "save": step, "state_bytes": state.nbytes(), "growth": growth}))
+        emit({"kind": kind, "save": step, "state_bytes": state.nbytes(), "growth": growth})
 
 
 def _bytes_of(root: Path) -> int:
@@ -128,7 +134,7 @@ def resume(mb: int, root: Path) -> None:
         wire = _wire(_bytes_of(own.parent / "node0") // 2)
         if env.rank == 1:
             row = {"kind": "resume", "growth": growth, "received_s": received, "wire_s": wire}
-            print(json.dumps(row), flush=True)
+            emit(row)
     finally:
         distributed.teardown()
 
@@ -152,7 +158,7 @@ def node(mb: int, root: Path) -> None:
         assert resumed is not None, "nothing resumed"
         row = {"kind": "node", "rank": env.rank, "excess": _status("VmHWM") - _status("VmRSS")}
         row |= {"growth": _status("VmHWM") - base, "state_bytes": fresh.nbytes(), "seconds": resumed.seconds}
-        print(json.dumps(row), flush=True)
+        emit(row)
     finally:
         distributed.teardown()
 
@@ -192,11 +198,7 @@ def local(mb: int, root: Path) -> None:
     cpu = torch.device("cpu")
     base, t0 = _reset_peak(), time.perf_counter()
     resume_state(manager(root / "node0"), fresh, DistEnv(0, 1, 0, cpu, None, 0), "bench", reads=True)
-    print(
-        json.dumps(
-            {"kind": "local", "local_s": time.perf_counter() - t0, "local_growth": _status("VmHWM") - base}
-        )
-    )
+    emit({"kind": "local", "local_s": time.perf_counter() - t0, "local_growth": _status("VmHWM") - base})
 
 
 def s3save(mb: int, url: str) -> None:
@@ -223,7 +225,7 @@ def s3load(mb: int, url: str) -> None:
     resume_state(m, fresh, env, "bench", reads=True, run_dir=Path(os.devnull))
     row = {"kind": "s3load", "load_s": time.perf_counter() - t0, "growth": _status("VmHWM") - base}
     row["client_growth"] = client
-    print(json.dumps({**row, "state_bytes": fresh.nbytes()}))
+    emit({**row, "state_bytes": fresh.nbytes()})
 
 
 if __name__ == "__main__":

@@ -16,17 +16,21 @@ The model of one restart, every node resuming the same checkpoint of B bytes:
   is on the node's own disk the node's other R-1 ranks read the same file at the same time (the
   page cache holds each page once: the disk is read once), through a 4 MiB buffer each, decoding as
   they read; from shared storage or the network they get the bytes from the leader over the node's
-  group (gloo broadcasts from one root to each of the others in turn: R-1 copies over loopback)
-  and decode as they land. Host memory at the peak: the leader's copy (B) and a few chunks per rank.
+  group and decode as they land. gloo's broadcast is a binomial tree (gloo/broadcast.cc: whoever
+  has a chunk sends it on, so the leader sends ceil(log2 R) copies, not R-1), cut into the stream's
+  16 MiB chunks. Host memory at the peak: the leader's copy (B) and a few chunks per rank.
 
 Storage is shared by N nodes: a node reads at min(its own link, the aggregate / the nodes reading
 at once). The local NVMe case assumes every node holds its own copy (replicas, the node-local
-tier); a node that lost it receives it from one sender (see "where it breaks").
+tier); K nodes that lost theirs receive it from one sender over the same kind of tree, so the
+sender's link carries ceil(log2(K+1)) copies (``receive_table``; NCCL's broadcast, the GPU path,
+is a pipelined ring: about one).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 import time
@@ -101,13 +105,37 @@ def _resume(b: float, n: int, storage: str, rates: dict[str, float], hw: dict[st
         seconds = read + cpu
         memory = b + (RANKS - 1) * 4 * (1 << 20)
     elif new:
-        spread = (RANKS - 1) * b / (rates["wire"] * GB)  # leader -> each other rank, loopback
+        spread = _tree(RANKS - 1) * b / (rates["wire"] * GB)  # leader -> the node's other ranks, loopback
         seconds = read + cpu + spread
         memory = b + (RANKS - 1) * 4 * 16 * (1 << 20)
     else:
         seconds = read + cpu  # the ranks read at once: the link's share is in ``read``
         memory = RANKS * 2 * b  # each rank: the file and its decoded copy
     return {"seconds": seconds, "pulled": pulled, "memory": memory}
+
+
+def _tree(receivers: int) -> int:
+    """Copies the root of gloo's binomial-tree broadcast sends to reach ``receivers`` others."""
+    return math.ceil(math.log2(receivers + 1))
+
+
+def receive_table(rates: dict[str, float], hw: dict[str, float] = HARDWARE) -> str:
+    """K nodes without a copy (replaced nodes, or lost local disks) and one node that holds it,
+    on its NVMe: the sender reads and verifies, then the tree carries the bytes to the K leaders,
+    each of which spreads them on its node as they land (that and the decoding overlap the wire)."""
+    lines = [
+        "| state | nodes receiving | sender's link carries | resume of a receiving node |",
+        "|---|---|---|---|",
+    ]
+    for gb in (10, 80):
+        b = gb * GB
+        read = max(b / (hw["nvme_node"] * GB), b / (rates["checksum"] * GB))
+        cpu = b / (rates["decode"] * GB) + b / (rates["copy"] * GB)
+        for k in (1, 8, 64, 1023):
+            wire = _tree(k) * b / (hw["nic"] * GB)
+            seconds = read + cpu + max(wire, _tree(RANKS - 1) * b / (rates["wire"] * GB))
+            lines.append(f"| {gb} GB | {k} | {_tree(k)} x {gb} GB | {seconds:.0f} s |")
+    return "\n".join(lines)
 
 
 def table(rates: dict[str, float], hw: dict[str, float] = HARDWARE) -> str:
@@ -130,3 +158,4 @@ if __name__ == "__main__":
     measured.setdefault("wire", float(sys.argv[1]) if len(sys.argv) > 1 else 1.0)
     print(json.dumps(measured))
     print(table(measured))
+    print(receive_table(measured))

@@ -4,6 +4,7 @@ a hang is bounded, a full disk is one clear permanent stop and never a crash loo
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from pathlib import Path
@@ -79,7 +80,11 @@ def test_a_hung_save_ends_the_attempt_within_the_save_timeout(corpus: Path, tmp_
     assert took < 90, f"a hung save held the job for {took:.0f}s"
     record = status(run_dir)
     assert (record["code"], record["class"], record["cause"]) == (147, "retryable", "storage"), record
-    assert "has run longer than --ckpt.save-timeout-s 3" in result.stderr
+    # the limit grows with the state's bytes; the tiny model's add well under a second
+    assert re.search(
+        r"has run longer than 3s \(--ckpt.save-timeout-s 3 \+ \d+ MB at --ckpt.slowest-mb-s 25\)",
+        result.stderr,
+    )
     assert checkpoints(run_dir) == [(10, True)]  # the hung one never counts, the older one is intact
     rows = {r["step"]: r["time"] for r in metrics_rows(run_dir) if r["kind"] == "train"}
     assert rows[max(rows)] - rows[20] < 3 + 3, "the hang was not detected within the save timeout"

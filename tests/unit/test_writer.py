@@ -112,3 +112,28 @@ def test_deferred_copy_captures_the_state_before_the_next_update(tmp_path: Path)
     assert torch.equal(
         deserialize("model.safetensors", loaded.blobs["model.safetensors"])["w"], torch.zeros(100_000)
     )
+
+
+def test_a_save_is_overdue_only_past_its_own_limit(tmp_path: Path) -> None:
+    m = manager(tmp_path)
+    release = threading.Event()
+    real_commit = m.commit
+    m.commit = lambda *a, **k: (release.wait(10), real_commit(*a, **k))[1]  # type: ignore[method-assign]
+    writer = CheckpointWriter(m, background=True)
+    writer.save(1, lambda: state(1.0), {}, limit_s=0.05)
+    assert not writer.overdue() or writer.running_for() > 0.05
+    threading.Event().wait(0.1)
+    assert writer.overdue()
+    release.set()
+    writer.close()
+    assert not writer.overdue()  # nothing in flight
+
+
+def test_the_hung_limits_grow_with_the_bytes() -> None:
+    from train.checkpointing.together import Limit
+
+    fixed = Limit(600, "--ckpt.load-timeout-s", 80 * 10**9, 0)
+    assert fixed.seconds == 600 and str(fixed) == "600s (--ckpt.load-timeout-s 600)"
+    grown = Limit(600, "--ckpt.load-timeout-s", 80 * 10**9, 25)
+    assert grown.seconds == 600 + 3200
+    assert str(grown) == "3800s (--ckpt.load-timeout-s 600 + 80000 MB at --ckpt.slowest-mb-s 25)"

@@ -37,6 +37,7 @@ from train.checkpointing.local_tier import LocalTier, agree_run_id
 from train.checkpointing.policy import SavePolicy
 from train.checkpointing.resume import Resumed, resume
 from train.checkpointing.snapshot import Snapshots
+from train.checkpointing.together import Limit
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, is_url, open_storage
 from train.ckpt.writer import CheckpointWriter
@@ -76,6 +77,7 @@ class Checkpointer:
         # Always a background thread: with --ckpt.async false each save is waited for at once,
         # but in short shared waits (see the module docstring).
         self.writer = CheckpointWriter(self.manager, background=True)
+        self._limit = Limit(cfg.ckpt.save_timeout_s, "--ckpt.save-timeout-s", 0, cfg.ckpt.slowest_mb_s)
         self.policy = SavePolicy(self.writer, cfg.ckpt, self.layout.writes)
         self.policy.on_failure = lambda line: events("checkpoint_failed", step=state.step, error=line)
         self.snapshots = Snapshots(state)  # one set of staging buffers for both tiers
@@ -90,7 +92,9 @@ class Checkpointer:
         failure after a stop signal (torchrun stopping the workers: a peer failed) only as long as
         torchrun waits before its SIGKILL: the save is finished in time, or abandoned with a line
         (never half-committed either way: a commit is a rename)."""
-        timeout = 0 if kind is StorageError else self.cfg.save_timeout_s
+        timeout = (
+            0 if kind is StorageError else max((w.limit_s for w in self._writers() if w.busy), default=0)
+        )
         left = preempt.grace_left()
         if kind is not None and left is not None:
             timeout = min(timeout, left)
@@ -119,7 +123,7 @@ class Checkpointer:
             shared=self.layout.shared,
             run_dir=self.run_dir,
             run_id=self.run_id,
-            load_timeout_s=self.cfg.load_timeout_s,
+            limit=Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s),
         )
 
     def agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, Agreement]:
@@ -153,7 +157,7 @@ class Checkpointer:
     ) -> tuple[float, Agreement]:
         mine = mine | self.policy.report(final) | self.local.report()
         mean_loss, agreed = agree(mine, self.env, loss)
-        hung = [w.step_in_flight for w in self._writers() if w.running_for() > self.cfg.save_timeout_s]
+        hung = [(w.step_in_flight, self._limit) for w in self._writers() if w.overdue()]
         self.policy.act(agreed, hung[0] if hung else None)
         return mean_loss, agreed
 
@@ -173,18 +177,27 @@ class Checkpointer:
             self._settle()  # the previous save first: one in flight at most
         writes = self.layout.writes
         precheck = lambda: self.policy.before_save(self.state.nbytes())  # noqa: E731
-        self.writer.save(step, lambda: self.snapshots.take(self.env.device, writes), self.meta, precheck)
+        snapshot = lambda: self.snapshots.take(self.env.device, writes)  # noqa: E731
+        self.writer.save(step, snapshot, self.meta, precheck, self._save_limit_s())
         if blocking:
             self._settle(final=last)
         stall = time.perf_counter() - t0 if blocking else self.writer.stall_s
         self.events("checkpoint", step=step, stall_s=stall)
+
+    def _save_limit_s(self) -> float:
+        """How long a save of the state as it is now may run before it counts as hung (both tiers
+        save the same state: one limit serves them)."""
+        self._limit = Limit(
+            self.cfg.save_timeout_s, "--ckpt.save-timeout-s", self.state.nbytes(), self.cfg.slowest_mb_s
+        )
+        return self._limit.seconds
 
     def _save_local(self, step: int) -> None:
         writer = self.local.writer
         copy = self.snapshots.take(self.env.device, self.local.writing)  # collective: every rank takes part
         if copy is not None and writer is not None:
             precheck = lambda: self.local.before_save(self.state.nbytes())  # noqa: E731
-            writer.save(step, lambda: copy, self.meta, precheck)
+            writer.save(step, lambda: copy, self.meta, precheck, self._save_limit_s())
         if not self.cfg.async_save:
             self._settle()
         if copy is not None and writer is not None:

@@ -20,6 +20,7 @@ whole copy in host memory (its leader's); its other ranks hold a few chunks each
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,6 @@ from train.state import CKPT_FILES, TrainState
 
 Objects = dict[str, Any]  # a checkpoint's files, decoded
 INCOMPATIBLE = "incompatible: "  # an outcome every rank turns into the same permanent error
-LIMIT_FLAG = "--ckpt.load-timeout-s"
 REREAD = ByteCounter()  # bytes of a leader's copy this process read again (resume.py reports them)
 
 
@@ -99,9 +99,11 @@ def run_round(
     plan: Plan,
     roles: list[Role],
     node: NodeGroup,
-    limit_s: float,
+    limit: together.Limit,
 ) -> Round:
-    """Collective: this round's read and, if every copy read was good, its send."""
+    """Collective: this round's read and, if every copy read was good, its send. ``limit``: for
+    reading or moving this checkpoint (its bytes are filled in here)."""
+    limit = dataclasses.replace(limit, nbytes=sum(e["size"] for e in plan.chosen.entries.values()))
     role = roles[env.rank]
     leader = next(r for r in node.ranks if roles[r].kind != "follow")
     rereads = direct(roles, leader)  # this node's other ranks read the leader's copy themselves
@@ -109,9 +111,8 @@ def run_round(
     group = node.get() if sending else None  # before any other group: every member is here now
     read = together.run(
         _reader(state, managers, plan, roles, env.rank, rereads),
-        limit_s,
+        limit,
         f"reading checkpoint {plan.chosen.location}",
-        LIMIT_FLAG,
     )
     blobs, objects, problem = read or ({}, {}, "")
     del read  # ``blobs`` alone holds the leader's copy now
@@ -128,9 +129,8 @@ def run_round(
             _send_or_receive(env, state, plan, roles, blobs, group, cross)
             if role.kind != "follow" or sending
             else None,
-            limit_s,
+            limit,
             f"moving checkpoint {plan.chosen.location} between ranks",
-            LIMIT_FLAG,
         )
     finally:
         if cross is not None:

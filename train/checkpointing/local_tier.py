@@ -121,7 +121,7 @@ class LocalTier:
     def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool, rid: str | None = None):
         """``writes``: this rank writes (and reads) its node's checkpoints; ``rid``: the agreed run
         id (agree_run_id; "": none, so no local tier; default: the run dir's own)."""
-        self.interval, self.save_timeout_s = cfg.local_interval, cfg.save_timeout_s
+        self.interval = cfg.local_interval
         self.manager: CheckpointManager | None = None
         self.writer: CheckpointWriter | None = None  # only where this rank writes
         self._failures, self._warned = 0, False
@@ -181,7 +181,7 @@ class LocalTier:
         error = self.writer.take_error()
         if error is not None:
             self.failed(error)
-        return Agreement(saving_local=busy, hung=self.writer.running_for() > self.save_timeout_s)
+        return Agreement(saving_local=busy, hung=self.writer.overdue())
 
     def failed(self, error: BaseException) -> None:
         """A local save failed: warn; after MAX_FAILURES (lack of space aside), stop writing."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from train.checkpointing.boundary import Agreement
+from train.checkpointing.together import Limit
 from train.ckpt.objstore import is_url
 from train.ckpt.writer import CheckpointWriter
 from train.config import CkptConfig
@@ -140,18 +141,19 @@ class SavePolicy:
             self.gave_up = bool(code)
         return Agreement(
             saving=busy,
-            hung=self.writer.running_for() > self.cfg.save_timeout_s,
+            hung=self.writer.overdue(),
             disk_full=code == EXIT_DISK_FULL,
             storage_failed=code == EXIT_STORAGE,
         )
 
-    def act(self, agreed: Agreement, hung_here: int | None) -> None:
-        """Every rank: raise if the job ends at this boundary. ``hung_here``: the step of this
-        rank's own save that is hung, if one is (then this rank says why; the others stay quiet)."""
+    def act(self, agreed: Agreement, hung_here: tuple[int | None, Limit] | None) -> None:
+        """Every rank: raise if the job ends at this boundary. ``hung_here``: the step and limit of
+        this rank's own save that is hung, if one is (then this rank says why; the others stay
+        quiet)."""
         if agreed.hung:
             raise StorageError(
-                f"the checkpoint save of step {hung_here} has run longer than "
-                f"--ckpt.save-timeout-s {self.cfg.save_timeout_s:g}: storage hung? ending this attempt"
+                f"the checkpoint save of step {hung_here[0]} has run longer than {hung_here[1]}: "
+                "storage hung? ending this attempt"
                 if hung_here is not None
                 else "a checkpoint save is hung (see the writing rank's log)",
                 echo=hung_here is not None,

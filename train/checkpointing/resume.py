@@ -35,8 +35,10 @@ from train.checkpointing import fetch, snapshot
 from train.checkpointing import plan as planner
 from train.checkpointing.fetch import INCOMPATIBLE, Objects
 from train.checkpointing.plan import Copy, Plan, Report, Role
+from train.checkpointing.together import Limit
 from train.ckpt.manager import CheckpointManager, bytes_read
 from train.ckpt.manifest import Problem
+from train.config import CkptConfig
 from train.errors import IncompatibleCheckpointError, StorageError
 from train.observe import records
 from train.runtime import comm
@@ -62,12 +64,14 @@ class Resumed:
     # What it cost, per rank: bytes pulled from checkpoint storage (manifests too) or from another
     # node; bytes of its leader's copy read again from the node's page cache; bytes the kernel
     # fetched from storage devices for it (page cache hits do not count); host memory at the peak
-    # beyond what the rank holds once resumed. And the seconds from the start of the resume to its
-    # end on the slowest rank.
+    # beyond what the rank holds once resumed; the CPU seconds its process spent (every thread: on
+    # a node with a core per rank the resume's time does not grow with the ranks while this does
+    # not). And the seconds from the start of the resume to its end on the slowest rank.
     pulled_bytes: list[int] = field(default_factory=list)
     reread_bytes: list[int] = field(default_factory=list)
     disk_read_bytes: list[int] = field(default_factory=list)
     peak_excess_bytes: list[int] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -91,6 +95,9 @@ def _listed(managers: list[CheckpointManager | None], run_id: str = "") -> tuple
     return tuple(sorted(found, key=lambda c: (-c.step, c.tier))), ""
 
 
+LOAD_LIMIT = Limit(
+    CkptConfig.load_timeout_s, "--ckpt.load-timeout-s", 0, CkptConfig.slowest_mb_s
+)  # the defaults
 LOCAL_TIER = 1  # the index of the node-local tier in resume()'s managers
 
 
@@ -163,7 +170,7 @@ def resume(
     shared: bool = True,
     run_dir: Path | None = None,
     run_id: str = "",
-    load_timeout_s: float = 1800.0,
+    limit: Limit = LOAD_LIMIT,
 ) -> Resumed | None:
     """Collective: restore ``state`` from the newest valid checkpoint on any node; None if there
     is none. ``reads``: this rank reads its node's checkpoints (see replicas.py); ``local``: its
@@ -172,8 +179,10 @@ def resume(
     another machine is another disk); ``run_dir``: where metrics.jsonl tells the progress made
     (default: the checkpoint directory's parent); ``run_id``: the run's agreed id, which a local
     copy must carry (if it carries one at all: copies written before ids were stamped);
-    ``load_timeout_s``: the longest a rank's read (or the send after it) may take."""
-    before = _Counts(time.monotonic(), bytes_read(), fetch.REREAD.total, env_facts.disk_read_bytes())
+    ``limit``: the longest a rank's read (or the send after it) may take, its bytes aside."""
+    before = _Counts(
+        time.monotonic(), time.process_time(), bytes_read(), fetch.REREAD.total, env_facts.disk_read_bytes()
+    )
     pulled = 0
     env_facts.reset_peak()
     run_dir = run_dir or Path(manager.storage.location("")).parent
@@ -206,7 +215,7 @@ def resume(
                 step, source = plan.chosen.step, plan.source
                 log.warning("nodes hold different checkpoints of step %d; using rank %d's", step, source)
             roles = planner.roles(plan, reports, shared, failures.forced)
-            done = fetch.run_round(env, state, managers, plan, roles, node, load_timeout_s)
+            done = fetch.run_round(env, state, managers, plan, roles, node, limit)
             if done.moved:
                 received.update(r for r, role in enumerate(roles) if role.kind in ("receive", "follow"))
                 if roles[env.rank].kind == "receive":
@@ -222,6 +231,7 @@ def resume(
 @dataclass(frozen=True)
 class _Counts:
     time: float
+    cpu: float
     read: int
     reread: int
     disk: int
@@ -235,16 +245,18 @@ def _with_costs(resumed: Resumed, env: DistEnv, before: _Counts, received: int) 
         fetch.REREAD.total - before.reread,
         env_facts.disk_read_bytes() - before.disk,
         max(peak - resident, 0),
+        round(time.process_time() - before.cpu, 3),
         time.monotonic() - before.time,
     ]
     costs = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(mine).encode(), env.device)]
-    pulled, reread, disk, excess, seconds = zip(*costs, strict=True)
+    pulled, reread, disk, excess, cpu, seconds = zip(*costs, strict=True)
     return dataclasses.replace(
         resumed,
         pulled_bytes=list(pulled),
         reread_bytes=list(reread),
         disk_read_bytes=list(disk),
         peak_excess_bytes=list(excess),
+        cpu_seconds=list(cpu),
         seconds=round(max(seconds), 3),
     )
 

@@ -6,7 +6,8 @@ read, a broadcast whose sender is still reading) fails when the process group's 
 big enough checkpoint on slow enough storage would fail every start, forever. Here the work runs on
 a thread and every rank's main thread meets the others in short polls (one tiny all-reduce each)
 until no rank has work left. The only limit is the caller's, for work that hangs: past it, every
-rank ends the attempt together (StorageError, exit 147, retryable).
+rank ends the attempt together (StorageError, exit 147, retryable). That limit grows with the bytes
+(Limit): a fixed one would fail every start of a big enough checkpoint on slow enough storage.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
@@ -24,6 +26,27 @@ from train.errors import StorageError
 T = TypeVar("T")
 POLL_S = 0.2  # the longest a finished rank waits to learn that the others are done too
 _poll_groups: dict[int, dist.ProcessGroup] = {}  # per default group (a process may build several)
+RATE_FLAG = "--ckpt.slowest-mb-s"
+
+
+@dataclass(frozen=True)
+class Limit:
+    """How long work on ``nbytes`` of checkpoint may run before it counts as hung: a floor (the
+    option ``flag``) plus the bytes at the slowest rate storage is still waited for (``mb_s``,
+    0: the floor alone)."""
+
+    floor_s: float
+    flag: str
+    nbytes: int
+    mb_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.floor_s + (self.nbytes / (self.mb_s * 1e6) if self.mb_s > 0 else 0.0)
+
+    def __str__(self) -> str:
+        rate = f" + {self.nbytes / 1e6:.0f} MB at {RATE_FLAG} {self.mb_s:g}" if self.mb_s > 0 else ""
+        return f"{self.seconds:.0f}s ({self.flag} {self.floor_s:g}{rate})"
 
 
 def _group(device: torch.device) -> dist.ProcessGroup | None:
@@ -37,10 +60,10 @@ def _group(device: torch.device) -> dist.ProcessGroup | None:
     return _poll_groups[world]
 
 
-def run(work: Callable[[], T] | None, limit_s: float, what: str, limit_flag: str) -> T | None:
+def run(work: Callable[[], T] | None, limit: Limit, what: str) -> T | None:
     """Collective: ``work()`` (None: nothing for this rank) on a thread; returns its result once
     every rank's work is done. Raises StorageError on every rank if any rank's work runs past
-    ``limit_s`` (``limit_flag`` names the option that sets it, for the message)."""
+    ``limit``."""
     box: dict[str, object] = {}
 
     def body() -> None:
@@ -58,7 +81,7 @@ def run(work: Callable[[], T] | None, limit_s: float, what: str, limit_flag: str
         thread.join(wait)  # returns at once when this rank is done: the all-reduce paces it then
         wait = min(wait * 2, POLL_S)
         busy = thread.is_alive()
-        overdue = busy and time.monotonic() - started > limit_s
+        overdue = busy and time.monotonic() - started > limit.seconds
         flags = torch.tensor([int(busy), int(overdue)], dtype=torch.int32)
         if active:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
@@ -66,9 +89,9 @@ def run(work: Callable[[], T] | None, limit_s: float, what: str, limit_flag: str
             break
         if flags[1]:
             raise StorageError(
-                f"{what} still running after {limit_flag} {limit_s:g}s: storage hung? ending this attempt"
+                f"{what} still running after {limit}: storage hung? ending this attempt"
                 if overdue
-                else f"another rank's {what} ran past {limit_flag} {limit_s:g}s (see its log)",
+                else f"another rank's {what} ran past {limit} (see its log)",
                 echo=overdue,
             )
     if "error" in box:

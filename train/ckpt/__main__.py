@@ -1,4 +1,4 @@
-"""Checkpoint CLI: ``python -m train.ckpt ls|verify|inspect RUN_DIR``.
+"""Checkpoint CLI: ``python -m train.ckpt ls|verify|inspect|export RUN_DIR``.
 
 RUN_DIR is a run directory (holding ``checkpoints/``), a checkpoints directory itself, or a --ckpt.dir URL
 (s3://bucket/prefix).
@@ -14,7 +14,9 @@ from typing import Annotated
 
 import tyro
 
+from train.ckpt import export as exporting
 from train.ckpt import manifest as mf
+from train.ckpt.codec import deserialize
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, is_url
 from train.ckpt.storage import LocalStorage
@@ -84,12 +86,53 @@ def inspect(run_dir: Dir, /, step: int | None = None) -> int:
     return 0
 
 
+def export(
+    run_dir: Dir,
+    /,
+    out: Path,
+    step: int | None = None,
+    format: exporting.Format = "safetensors",
+    file: str = "model.safetensors",
+    overwrite: bool = False,
+) -> int:
+    """Write a checkpoint's model (default: the newest valid one) for other tools, with plain
+    parameter names: one safetensors file, or with --format dcp a torch.distributed.checkpoint
+    directory that dcp.load (torchtitan, torchtune) reads. Only the model file is read, checked
+    against the manifest; an older checkpoint is used when a newer one does not verify (said on
+    stderr)."""
+    manager = _manager(run_dir)
+    local = manager.storage.location("") if not is_url(run_dir) else None
+    exporting.check_destination(out, Path(local) if local else None, overwrite)
+    infos = [i for i in manager.list(deep=False) if step is None or i.step == step]
+    if not infos:
+        raise CliError(f"no checkpoint{f' of step {step}' if step is not None else ''} in {run_dir!r}")
+    for info in infos:
+        try:
+            if not info.valid:
+                raise mf.Problem(info.reason)
+            data = manager.read_file(info.name, file)
+            tensors = exporting.plain_names(deserialize(file, data))
+        except (mf.Problem, OSError) as p:
+            why = f"checkpoint {info.name} is not usable ({p})"
+            if step is not None:
+                raise CliError(f"{why}; pick another --step (see: python -m train.ckpt ls)") from None
+            print(f"warning: {why}; trying the next older one", file=sys.stderr)
+            continue
+        except ValueError as e:  # the model file does not deserialise
+            raise CliError(f"checkpoint {info.name}: {file} does not deserialise ({str(e)[:200]})") from None
+        exporting.write(tensors, out, format)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        print(f"{out}: {len(tensors)} tensors, {size / 1e6:.1f} MB, from {info.name} ({format})")
+        return 0
+    raise CliError(f"no valid checkpoint in {run_dir!r} (see: python -m train.ckpt verify)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return tyro.extras.subcommand_cli_from_dict(
-            {"ls": ls, "verify": verify, "inspect": inspect}, args=argv, description=__doc__
+            {"ls": ls, "verify": verify, "inspect": inspect, "export": export}, args=argv, description=__doc__
         )
-    except (CliError, mf.Problem) as e:
+    except (CliError, mf.Problem, exporting.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -141,24 +141,39 @@ class CheckpointManager:
         ``on_chunk(file, piece)`` sees each file's bytes as they are read, in the manifest's order
         (to pass them on while the rest is read, say)."""
         manifest = self._manifest(name)
-        blobs = {}
-        for file, entry in manifest["files"].items():
-            hashing = mf.BackgroundChecksum()
-            feed = hashing.feed
-            if on_chunk is not None:
-
-                def feed(piece: memoryview, file: str = file, hashing=hashing) -> None:
-                    hashing.feed(piece)
-                    on_chunk(file, piece)
-
-            hooks.point("ckpt.file_read")
-            try:
-                data = self._read(name, file, on_chunk=feed, size=entry["size"])
-            except FileNotFoundError:
-                raise mf.Problem(f"{file} is missing") from None
-            mf.check_file(manifest, file, data, hashing)
-            blobs[file] = data
+        blobs = {file: self._read_checked(name, manifest, file, on_chunk) for file in manifest["files"]}
         return manifest, blobs
+
+    def read_file(self, name: str, file: str) -> bytes | memoryview:
+        """One of a checkpoint's files, checked against its manifest, the others not read; raises
+        manifest.Problem (also when the manifest lists no such file)."""
+        manifest = self._manifest(name)
+        if file not in manifest["files"]:
+            raise mf.Problem(f"it holds no {file} (files: {', '.join(sorted(manifest['files']))})")
+        return self._read_checked(name, manifest, file)
+
+    def _read_checked(
+        self,
+        name: str,
+        manifest: dict,
+        file: str,
+        on_chunk: Callable[[str, memoryview], object] | None = None,
+    ) -> bytes | memoryview:
+        hashing = mf.BackgroundChecksum()
+        feed = hashing.feed
+        if on_chunk is not None:
+
+            def feed(piece: memoryview) -> None:
+                hashing.feed(piece)
+                on_chunk(file, piece)
+
+        hooks.point("ckpt.file_read")
+        try:
+            data = self._read(name, file, on_chunk=feed, size=manifest["files"][file]["size"])
+        except FileNotFoundError:
+            raise mf.Problem(f"{file} is missing") from None
+        mf.check_file(manifest, file, data, hashing)
+        return data
 
     def _record(self, name: str, problem: str) -> str:
         if problem:

@@ -39,6 +39,7 @@ class CheckpointWriter:
         self.stall_s = 0.0  # time the caller spent blocked by the latest save, in save() and wait_staged()
         self._started: float | None = None  # monotonic start of the save in flight
         self.step_in_flight: int | None = None
+        self.limit_s = float("inf")  # how long the save in flight may run before it counts as hung
 
     def _write(
         self, step: int, state: Snapshot, meta: dict[str, Any], precheck: Callable[[], object] | None
@@ -74,6 +75,10 @@ class CheckpointWriter:
         """Seconds the save in flight has been running (0 when none is)."""
         started = self._started
         return time.monotonic() - started if started is not None and self.busy else 0.0
+
+    def overdue(self) -> bool:
+        """The save in flight has run past its ``limit_s``."""
+        return self.running_for() > self.limit_s
 
     def join(self, timeout: float) -> bool:
         """Wait up to ``timeout`` s for the save in flight; True if it is still running."""
@@ -113,8 +118,10 @@ class CheckpointWriter:
         snapshot: Callable[[], Snapshot | None],
         meta: dict[str, Any],
         precheck: Callable[[], object] | None = None,
+        limit_s: float = float("inf"),
     ) -> None:
-        """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it.
+        """Take ``snapshot()`` (after the previous save is done with its buffers) and commit it;
+        past ``limit_s`` it is overdue().
 
         ``snapshot`` may be collective; a rank that gets None from it has nothing to write.
         ``precheck`` runs on a rank that has something to write, before any write, in the
@@ -128,7 +135,7 @@ class CheckpointWriter:
             pass
         elif self.background:
             self._staged.clear()
-            self._started, self.step_in_flight = time.monotonic(), step
+            self._started, self.step_in_flight, self.limit_s = time.monotonic(), step, limit_s
             self._thread = threading.Thread(
                 target=self._write, args=(step, state, meta, precheck), name=f"ckpt-save-{step}", daemon=True
             )
