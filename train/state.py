@@ -82,6 +82,15 @@ class TrainState:
         (a restore overwrites every one of them). Not the optimizer's: it may have no state yet."""
         return {MODEL_FILE: self.model.state_dict()}
 
+    def device_for(self, file: str) -> torch.device:
+        """Where a checkpoint file's tensors that have no target (targets()) are best decoded: the
+        optimizer's on the parameters' device (load_state_dict moves them there anyway: decoded on
+        the host, a GPU rank would hold the whole file there first), the rest (RNG states, which
+        must be host tensors) on the host."""
+        if file == OPTIM_FILE:
+            return next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        return torch.device("cpu")
+
     def check(self, objects: dict[str, Any]) -> None:
         """Raise ValueError unless decoded checkpoint files fit this state - every part that
         load_state_dict() will take, without touching anything: a checkpoint whose checksums pass

@@ -12,10 +12,11 @@ The model of one restart, every node resuming the same checkpoint of B bytes:
 - today (before issue 23): every rank reads the whole checkpoint itself. From shared storage (NFS,
   S3) that is R reads a node; from a node's own NVMe the page cache serves all but the first.
   Every rank holds the whole file and its decoded copy: R x B of host memory at the peak.
-- now: one rank a node (its leader) reads, checksumming while it reads, then decodes. When its copy
-  is on the node's own disk the node's other R-1 ranks read the same file at the same time (the
-  page cache holds each page once: the disk is read once), through a 4 MiB buffer each, decoding as
-  they read; from shared storage or the network they get the bytes from the leader over the node's
+- now: one rank a node (its leader) reads, checksumming while it reads. When its copy is on the
+  node's own disk the node's other R-1 ranks read the same file at the same time (the page cache
+  holds each page once: the disk is read once), every rank, the leader too, straight into the
+  tensors that keep the bytes; from shared storage or the network the leader reads its copy whole,
+  decodes it, and the others get the bytes from it over the node's
   group and decode as they land. gloo's broadcast is a binomial tree (gloo/broadcast.cc: whoever
   has a chunk sends it on, so the leader sends ceil(log2 R) copies, not R-1), cut into the stream's
   16 MiB chunks. Host memory at the peak: the leader's copy (B) and a few chunks per rank.
@@ -101,9 +102,9 @@ def _resume(b: float, n: int, storage: str, rates: dict[str, float], hw: dict[st
         pulled = b * (1 if new else RANKS)
     read = pulled / (link * GB)
     read = max(read, b / (rates["checksum"] * GB))  # the checksum runs beside the read
-    if new and storage == "nvme":  # the others read the same file at once: the page cache serves it
-        seconds = read + cpu
-        memory = b + (RANKS - 1) * 4 * (1 << 20)
+    if new and storage == "nvme":  # every rank reads the file at once, into place: the page cache serves it
+        seconds = read
+        memory = RANKS * 4 * (1 << 20)  # a buffer for the header each
     elif new:
         spread = _tree(RANKS - 1) * b / (rates["wire"] * GB)  # leader -> the node's other ranks, loopback
         seconds = read + cpu + spread

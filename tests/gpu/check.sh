@@ -43,3 +43,30 @@ sys.exit(0 if same_losses and same_weights else 1)
 PY
 done
 python3 tests/gpu/p1p2.py --device cuda --mb 50 500 | tee "$OUT/p1p2.txt"
+# A follower's or receiver's decode on CUDA (issue 23 item 2; one GPU cannot run two nccl ranks, so
+# the decoder is driven directly): the optimizer's moments are made on the GPU as the pieces
+# arrive, the host holds the pieces only. Fails if the host grew by more than 10% of the file.
+python3 - <<'PY'
+import sys, numpy as np, torch
+sys.path.insert(0, ".")
+from train.ckpt.codec import serialize
+from train.ckpt.decoder import Decoder
+def hwm():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+optim = {"state": {i: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4096, 4096),
+                       "exp_avg_sq": torch.rand(4096, 4096)} for i in range(4)}, "param_groups": []}
+data = serialize("optim.safetensors", optim)
+view = np.frombuffer(data, dtype=np.uint8)
+torch.empty(1, device="cuda")  # CUDA's own set-up (its libraries: hundreds of MB) before the measure
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM from here
+before = hwm()
+decoder = Decoder("optim.safetensors", len(data), None, torch.device("cuda"))
+for at in range(0, len(data), 16 << 20):
+    decoder.feed(torch.from_numpy(view[at : at + (16 << 20)].copy()))
+out = decoder.result()
+grown = hwm() - before
+same = all(torch.equal(out["state"][i][k].cpu(), optim["state"][i][k]) for i in range(4) for k in ("exp_avg", "exp_avg_sq"))
+print(f"decode on cuda: {len(data) / 1e6:.0f} MB file, host peak grew {grown / 1e6:.0f} MB, equal: {same}, "
+      f"moments on {out['state'][0]['exp_avg'].device}, step on {out['state'][0]['step'].device}")
+sys.exit(0 if same and grown < 0.1 * len(data) and out["state"][0]["exp_avg"].is_cuda else 1)
+PY

@@ -209,3 +209,21 @@ def test_the_checkpoint_cli_reads_a_bucket(s3_env: dict) -> None:
         done = subprocess.run([sys.executable, "-m", "train.ckpt", command, url], env=env, cwd=REPO,
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0 and expected in done.stdout, done.stderr[-2000:]
+
+
+def test_export_reads_the_model_straight_from_the_bucket(s3_env: dict, tmp_path: Path) -> None:
+    """`python -m train.ckpt export s3://...`: the newest valid checkpoint's model file only."""
+    import safetensors.torch
+
+    from train.ckpt.__main__ import main
+
+    url = f"s3://{s3_env['BUCKET']}/export"
+    m = manager(url)
+    for step in (10, 20):
+        m.commit(step, blobs(step), {})
+    out = tmp_path / "a.safetensors"
+    assert main(["export", url, "--file", "a.safetensors", "--out", str(out)]) == 0
+    exported = safetensors.torch.load_file(out)
+    assert torch.equal(
+        exported["w"], safetensors.torch.load(bytes(manager(url).load_latest().blobs["a.safetensors"]))["w"]
+    )

@@ -2,11 +2,13 @@
 
 1. Read. Each node's leader that can see a copy (its own, or a shared directory's) reads it,
    verifies it against its manifest, decodes it and checks that it fits this job. Where that copy
-   is a file on the node's own disk, the node's other ranks read it at the same time, each through
-   a small buffer, decoding as they go and verifying what they read: the page cache holds each
-   page once for all of them, so the disk is read once. Every rank waits for the slowest in short
-   polls (together.py), however slow the storage, up to ``--ckpt.load-timeout-s``. Then every rank
-   learns every outcome; if a copy failed, the round ends here (resume.py tries without it).
+   is a file on the node's own disk, the node's other ranks read it at the same time, each straight
+   into the tensors that keep the bytes (a header's worth through a small buffer), verifying what
+   they read: the page cache holds each page once for all of them, so the disk is read once. The
+   leader reads so too unless another node needs its bytes. Every rank waits for the slowest in
+   short polls (together.py), however slow the storage, up to ``--ckpt.load-timeout-s``. Then
+   every rank learns every outcome; if a copy failed, the round ends here (resume.py tries
+   without it).
 2. Send, where a node could not read the copy itself. From memory, at the wire's speed: the
    source to the leaders of nodes that see no copy (stream.py; a receiving leader hands each chunk
    on to its node's other ranks as it lands), and a leader whose copy is on shared storage or in a
@@ -15,7 +17,8 @@
    tensors (train/ckpt/decoder.py), and checks it as a reader does.
 
 So a node pulls one copy from storage or the network, whatever its number of ranks, and holds one
-whole copy in host memory (its leader's); its other ranks hold a few chunks each.
+whole copy in host memory (its leader's) only where it must pass the bytes on; its other ranks
+hold a few chunks each.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import xxhash
 from train.checkpointing import snapshot, stream, together
 from train.checkpointing.plan import Copy, Plan, Role, followers, receivers
 from train.ckpt.decoder import Decoder
-from train.ckpt.manager import ByteCounter, CheckpointManager, decode
+from train.ckpt.manager import READ, ByteCounter, CheckpointManager, decode
 from train.ckpt.manifest import Problem
 from train.ckpt.objstore import open_storage
 from train.ckpt.storage import LocalStorage
@@ -155,12 +158,16 @@ def _reader(
     each page once, whoever asked first: the disk is read once), each verifying what it read.
     ``rereads``: direct() of this node's leader."""
     role = roles[rank]
+    if role.kind in ("own", "copy") and rereads and not (rank == plan.source and receivers(roles)):
+        # Its node reads the file itself and no other node needs its bytes: read into place
+        # too, never the whole file in memory (on a GPU: nothing of it held on the host).
+        return lambda: _read_in_place(state, managers, plan, role)
     if role.kind in ("own", "copy"):
         return lambda: _read(state, managers, plan, role)
     copy = roles[role.leader].copy if role.kind == "follow" else None
     if copy is None or not rereads:
         return None
-    return lambda: ({}, *_reread(state, plan.chosen, copy))
+    return lambda: ({}, *_reread(state, plan.chosen, copy, REREAD))
 
 
 def _read(
@@ -189,6 +196,18 @@ def _read(
     if role.kind == "own":
         reader.record(name, problem)
     return (blobs, objects, "") if not problem else ({}, {}, problem)
+
+
+def _read_in_place(
+    state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role
+) -> tuple[dict, Objects, str]:
+    """A leader's read where nothing will be sent from it: as its node's other ranks read (each
+    byte straight to the tensor that keeps it), the bytes counted as read from storage."""
+    assert role.copy is not None
+    objects, problem = _reread(state, plan.chosen, role.copy, READ)
+    if role.kind == "own":
+        managers[role.copy.tier].record(role.copy.name, problem)
+    return {}, objects, problem
 
 
 def direct(roles: list[Role], leader: int) -> bool:
@@ -239,21 +258,23 @@ def _send_or_receive(
     return send_all
 
 
-def _reread(state: TrainState, chosen: Copy, copy: Copy) -> tuple[Objects, str]:
-    """The leader's copy read by another rank of its node, in pieces through one small buffer:
-    decoded as they come and checked as the leader's is."""
+def _reread(state: TrainState, chosen: Copy, copy: Copy, counter: ByteCounter) -> tuple[Objects, str]:
+    """The leader's copy read by another rank of its node, in pieces: each read straight into the
+    tensor it belongs to where the decoder has one on the host (Decoder.slot), else through one
+    small buffer; checked as the leader's is."""
     root, _, name = copy.location.rstrip("/").rpartition("/")
     storage = LocalStorage(root)
 
-    def feed_file(file: str, size: int, on_chunk: Callable[[torch.Tensor], object]) -> str:
+    def feed_file(file: str, size: int, decoder: Decoder) -> str:
         hasher = xxhash.xxh3_64()
 
         def piece(view: memoryview) -> None:
             hasher.update(view)
-            REREAD.add(len(view))
-            on_chunk(torch.from_numpy(np.frombuffer(view, dtype=np.uint8)))
+            counter.add(len(view))
+            decoder.feed(torch.from_numpy(np.frombuffer(view, dtype=np.uint8)))
 
-        storage.stream(name, file, size, piece)
+        # Read straight into the tensors that keep the bytes where it can: one copy, not two.
+        storage.stream(name, file, size, piece, into=decoder.slot)
         return hasher.hexdigest()
 
     return _decoded(state, chosen, feed_file, "as read again")
@@ -272,20 +293,20 @@ def _receive(
     assert group is not None
     forward = stream.Forward(env.device, env.rank, onward) if onward is not None else None
 
-    def feed_file(file: str, size: int, on_chunk: Callable[[torch.Tensor], object]) -> str:
-        feed = on_chunk
+    def feed_file(file: str, size: int, decoder: Decoder) -> str:
+        feed = decoder.feed
         if forward is not None:
 
             def feed(chunk: torch.Tensor) -> None:
                 forward.send(chunk)
-                on_chunk(chunk)
+                decoder.feed(chunk)
 
         return stream.receive(size, env.device, source, group, feed)
 
     return _decoded(state, chosen, feed_file, "as received")
 
 
-FeedFile = Callable[[str, int, Callable[[torch.Tensor], object]], str]  # (file, size, on_chunk) -> xxh3
+FeedFile = Callable[[str, int, Decoder], str]  # (file, size, its decoder) -> the bytes' xxh3
 
 
 def _decoded(state: TrainState, chosen: Copy, feed_file: FeedFile, how: str) -> tuple[Objects, str]:
@@ -297,9 +318,9 @@ def _decoded(state: TrainState, chosen: Copy, feed_file: FeedFile, how: str) -> 
     problems = []
     targets = state.targets()
     for file, entry in chosen.entries.items():
-        decoder = Decoder(file, entry["size"], targets.get(file))
+        decoder = Decoder(file, entry["size"], targets.get(file), state.device_for(file))
         try:
-            digest = feed_file(file, entry["size"], decoder.feed)
+            digest = feed_file(file, entry["size"], decoder)
         except Exception as e:  # an I/O error reading the copy again: this rank's copy fails
             problems.append(f"{file}: {type(e).__name__}: {e}")
             continue

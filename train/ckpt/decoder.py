@@ -4,7 +4,10 @@ Fed a safetensors file in order, piece by piece (from the network, say), a ``Dec
 header as soon as it is complete and then copies each tensor's bytes straight to where the tensor
 will live: into the caller's own tensor of that name, dtype and shape (the model's parameters,
 which a restore overwrites anyway; on any device), or else into one fresh host block that holds
-the rest. Memory: the header and that block, never a second copy of the file.
+the rest. Memory: the header and that block, never a second copy of the file. Given a ``device``
+(a GPU), the rest is made there instead - every tensor but 0-d ones (an optimizer's step counts,
+which stay on the host) - so that the host holds only the pieces in flight, not a whole file a
+rank (the optimizer's moments are two thirds of a checkpoint).
 
 Bytes land before anything can check them: the file's checksum is known only once the last piece
 has arrived. A caller that gives targets must be ready to overwrite them again if the file then
@@ -26,9 +29,16 @@ _ALIGN = 64  # each fresh tensor starts on a cache line, whatever its offset in 
 
 
 class Decoder:
-    def __init__(self, file: str, size: int, targets: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self,
+        file: str,
+        size: int,
+        targets: Mapping[str, torch.Tensor] | None = None,
+        device: torch.device | None = None,
+    ):
         self.file, self.size = file, size
         self._targets = targets or {}
+        self._device = device if device is not None and device.type != "cpu" else None
         self._whole = None if file.endswith(".safetensors") else np.empty(size, np.uint8)
         self._head = bytearray()
         self._fed = 0
@@ -95,6 +105,12 @@ class Decoder:
             return target if fits else None
 
         targets = [target_for(e) for e in entries]
+        if self._device is not None:  # made on the device, one tensor each (no host block)
+            device = self._device
+            targets = [
+                t if t is not None or not e.shape else torch.empty(e.shape, dtype=e.dtype, device=device)
+                for e, t in zip(entries, targets, strict=True)
+            ]
         fresh = sum(_aligned(e.end - e.start) for e, t in zip(entries, targets, strict=True) if t is None)
         block, at, places = np.empty(fresh, np.uint8), 0, []
         for e, tensor in zip(entries, targets, strict=True):
@@ -110,13 +126,27 @@ class Decoder:
                 places.append((e.start, e.end, tensor.view(-1).view(torch.uint8)))
         self._places = places
 
+    def slot(self, at: int) -> memoryview | None:
+        """Host memory the file's bytes from offset ``at`` on belong in, up to the end of their
+        tensor, if they can be read straight there (then feed() gets a view of it and copies
+        nothing): the rest of a host tensor the header placed. None before the header is known,
+        between tensors, or for a tensor on a device."""
+        places = self._places
+        if places is None or self._next >= len(places) or at != self._fed:
+            return None
+        start, stop, into = places[self._next]
+        if not start <= at < stop or into.device.type != "cpu":
+            return None
+        return memoryview(into[at - start :].numpy())
+
     def _place(self, piece: torch.Tensor, at: int) -> None:
         end, places = at + piece.numel(), self._places
         while self._next < len(places) and places[self._next][0] < end:
             start, stop, into = places[self._next]
             a, b = max(start, at), min(stop, end)
-            if a < b:
-                into[a - start : b - start].copy_(piece[a - at : b - at])
+            dest, src = into[a - start : b - start], piece[a - at : b - at]
+            if a < b and dest.data_ptr() != src.data_ptr():  # else read there already (slot())
+                dest.copy_(src)
             if stop > end:
                 break
             self._next += 1

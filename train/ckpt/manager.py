@@ -82,12 +82,12 @@ class ByteCounter:
             self.total += n
 
 
-_READ = ByteCounter()
+READ = ByteCounter()  # what bytes_read() tells; a caller reading checkpoint files itself adds to it
 
 
 def bytes_read() -> int:
     """Bytes this process has read from checkpoint storage, through any manager (manifests too)."""
-    return _READ.total
+    return READ.total
 
 
 class CheckpointManager:
@@ -113,7 +113,7 @@ class CheckpointManager:
         """storage.read(), with a file refused unread as manifest.Problem."""
         try:
             data = self.storage.read(name, file, **how)
-            _READ.add(len(data))
+            READ.add(len(data))
             return data
         except Unreadable as e:
             if e.actual is not None and how.get("size") is not None:

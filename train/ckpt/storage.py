@@ -232,9 +232,18 @@ class LocalStorage:
                 got += n
         return view[:got]
 
-    def stream(self, name: str, file: str, size: int, on_chunk: Callable[[memoryview], object]) -> None:
+    def stream(
+        self,
+        name: str,
+        file: str,
+        size: int,
+        on_chunk: Callable[[memoryview], object],
+        into: Callable[[int], memoryview | None] | None = None,
+    ) -> None:
         """The file's bytes in order, through one reused buffer of READ_CHUNK bytes: never the whole
-        file in memory. Unreadable as read() is, and if the file ends early."""
+        file in memory. ``into(offset)``: where the bytes from ``offset`` on may be read straight to
+        (a writable view, filled from its start), or None (the buffer); ``on_chunk`` then gets a
+        view of that memory. Unreadable as read() is, and if the file ends early."""
         hooks.point("ckpt.file_read")
         fd, st = self._open(name, file)
         with open(fd, "rb", buffering=0) as f:
@@ -242,10 +251,12 @@ class LocalStorage:
             buf = memoryview(np.empty(max(min(READ_CHUNK, size), 1), dtype=np.uint8))
             got = 0
             while got < size:
-                n = f.readinto(buf[: min(len(buf), size - got)])
+                dest = into(got) if into is not None else None
+                target = dest if dest is not None and len(dest) else buf
+                n = f.readinto(target[: min(len(target), size - got)])
                 if not n:
                     raise Unreadable(f"{got} of {size} bytes", actual=got)
-                on_chunk(buf[:n])
+                on_chunk(target[:n])
                 got += n
 
     def size(self, name: str, file: str) -> int | None:
