@@ -84,14 +84,14 @@ class CkptConfig:
     save_timeout_s: float = 600.0
     """A save still running after this long, plus its bytes at --ckpt.slowest-mb-s, counts as hung
     storage: the attempt ends (exit 147, retryable) instead of waiting forever."""
-    load_timeout_s: float = 600.0
+    load_timeout_s: float = 1800.0
     """At resume, a rank's read of a checkpoint (or its send to the node's other ranks) still running
     after this long, plus the checkpoint's bytes at --ckpt.slowest-mb-s, counts as hung storage: the
     attempt ends (exit 147, retryable). Every other rank waits for the slowest reader in short polls,
     so a slow read costs only its own time, whatever --dist.init-timeout-s is."""
     slowest_mb_s: float = 25.0
     """The slowest storage (MB/s) a save or a resume's read is still waited for at: each limit above
-    grows by the bytes at this rate (an 80 GB checkpoint: 600 s + 3200 s), so a bigger model never
+    grows by the bytes at this rate (an 80 GB checkpoint: 3200 s more), so a bigger model never
     turns a slow store into a failure on every attempt. 0: the fixed timeouts alone."""
     local_interval: int = 0
     """Also save a node-local checkpoint every K steps between the durable ones (0: off): each node

@@ -63,3 +63,44 @@ def test_the_other_rank_of_a_node_reads_the_verified_copy_again_from_the_page_ca
 def test_where_it_cannot_the_node_leader_sends_it_over_the_nodes_group(tmp_path: Path) -> None:
     resumed = _check(tmp_path, sent=True)
     assert resumed["reread_bytes"] == [0, 0]
+
+
+def _failed_in_place_worker(env, run_dirs: list[str]) -> dict:
+    """Every rank saves the same state into its node's run dir (one dir: one node of 2 ranks; two:
+    two nodes of 1), the optimizer file's last byte flipped: the model file reads into place
+    (checksum fine), then the optimizer's fails, and no older checkpoint is left."""
+    from train.checkpointing.replicas import layout
+    from train.checkpointing.resume import resume
+
+    own = Path(run_dirs[env.rank % len(run_dirs)])
+    nodes = layout(own, env)
+    state = _tiny_state(seed=10)
+    _train_a_little(state, steps=3)
+    files = Snapshots(state).take(env.device, nodes.writes)  # collective
+    if files is not None:
+        _manager(own).save(3, files(), {"fingerprint": FINGERPRINT})
+        optim = own / "checkpoints" / "step_00000003" / "optim.safetensors"
+        data = bytearray(optim.read_bytes())
+        data[-1] ^= 0xFF
+        optim.write_bytes(bytes(data))
+    dist.barrier()
+    fresh = _tiny_state(seed=500)  # the job's initial weights: the same on every rank
+    init = safetensors.torch.save(fresh.model.state_dict())
+    resumed = resume(_manager(own), fresh, env, FINGERPRINT, reads=nodes.writes, shared=nodes.shared)
+    return {"resumed": resumed, "init": init, "weights": safetensors.torch.save(fresh.model.state_dict())}
+
+
+def test_a_copy_read_into_place_that_then_fails_leaves_every_model_as_it_started(tmp_path: Path) -> None:
+    """A rank that read the model file into its own parameters before another file failed its
+    checksum starts again from a rank that never did (rank 0 decodes its model file apart)."""
+    shapes = {
+        "one node, 2 ranks": ([str(tmp_path / "a")], ONE_NODE),
+        "two nodes, 1 rank each": (
+            [str(tmp_path / "b0"), str(tmp_path / "b1")],
+            {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"},
+        ),
+    }
+    for shape, (run_dirs, env) in shapes.items():
+        for value, _ in run_group(_failed_in_place_worker, run_dirs, extra_env=env):
+            assert value["resumed"] is None, shape
+            assert value["weights"] == value["init"], f"{shape}: a model kept bytes of the failed copy"

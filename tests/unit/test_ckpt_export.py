@@ -119,3 +119,28 @@ def test_a_checkpoint_without_the_file_says_so(run_dir: Path, tmp_path: Path, ca
     ]
     assert main(args) == 2
     assert "holds no nope.safetensors" in capsys.readouterr().err
+
+
+def test_a_folder_holding_the_checkpoints_is_never_replaced(run_dir: Path, tmp_path: Path, capsys) -> None:
+    for out in (run_dir, tmp_path):  # the run dir, and a folder above it
+        assert main(["export", str(run_dir), "--out", str(out), "--overwrite"]) == 2
+        assert "holds the checkpoints' directory" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "step_00000020" / "model.safetensors").is_file()
+
+
+def test_overwrite_replaces_a_directory_a_file_or_a_link(run_dir: Path, tmp_path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old").write_text("x")
+    assert main(["export", str(run_dir), "--out", str(out), "--overwrite"]) == 0  # a file over a dir
+    assert same(safetensors.torch.load_file(out), weights(20))
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert main(["export", str(run_dir), "--format", "dcp", "--out", str(link), "--overwrite"]) == 0
+    assert link.is_dir() and not link.is_symlink() and out.is_file()  # the link replaced, not its target
+    into = {k: torch.zeros_like(v) for k, v in weights(20).items()}
+    dcp.load(into, checkpoint_id=str(link), no_dist=True)
+    assert same(into, weights(20))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -24,6 +24,7 @@ hold a few chunks each.
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,7 +59,11 @@ class Round:
 
     objects: Objects  # its files decoded ({} unless every rank's outcome was "")
     outcomes: list[str]  # per rank: "" or why its copy is not usable
-    moved: bool  # the send step ran: receivers and followers decoded into their models
+    moved: bool  # the send step ran
+    dirty: frozenset[int] = frozenset()  # ranks whose model now holds bytes of this round's copy
+
+
+CLEAN = 0  # the rank that never decodes into its model before a restore (see _decoded)
 
 
 def check(state: TrainState, entries: dict, objects: Objects) -> None:
@@ -112,20 +117,17 @@ def run_round(
     rereads = direct(roles, leader)  # this node's other ranks read the leader's copy themselves
     sending = len(node.ranks) > 1 and not rereads  # else they get it from the leader
     group = node.get() if sending else None  # before any other group: every member is here now
-    read = together.run(
-        _reader(state, managers, plan, roles, env.rank, rereads),
-        limit,
-        f"reading checkpoint {plan.chosen.location}",
-    )
+    work, into_model = _reader(state, managers, plan, roles, env.rank, rereads)
+    read = together.run(work, limit, f"reading checkpoint {plan.chosen.location}")
     blobs, objects, problem = read or ({}, {}, "")
     del read  # ``blobs`` alone holds the leader's copy now
-    outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
-    followed = any(r.kind == "follow" for r in roles)  # some may have decoded into their models
+    outcomes, dirty = _gather(env, problem, into_model)
+    followed = any(r.kind == "follow" for r in roles)
     if any(outcomes):
-        return Round({}, outcomes, moved=followed)
+        return Round({}, outcomes, moved=False, dirty=dirty)
     remote = receivers(roles)
     if not remote and not followed:  # every rank read its own copy
-        return Round(objects, outcomes, moved=False)
+        return Round(objects, outcomes, moved=False, dirty=dirty)
     cross = dist.new_group([plan.source, *remote]) if remote else None  # every rank calls it
     try:
         got = together.run(
@@ -141,8 +143,17 @@ def run_round(
     del blobs  # the leader's whole copy: not two in memory during a next round
     if got is not None:
         objects, problem = got
-    outcomes = [b.decode() for b in comm.all_gather_bytes(problem.encode(), env.device)]
-    return Round(objects if not any(outcomes) else {}, outcomes, moved=True)
+    receives = role.kind == "receive" or (role.kind == "follow" and sending)
+    outcomes, moved_into = _gather(env, problem, receives and env.rank != CLEAN)
+    return Round(objects if not any(outcomes) else {}, outcomes, moved=True, dirty=dirty | moved_into)
+
+
+def _gather(env: DistEnv, problem: str, into_model: bool) -> tuple[list[str], frozenset[int]]:
+    """Every rank's outcome ("" or why its copy failed), and the ranks that decoded into their own
+    model (whether they did is known only where they run: a node's mount table decides)."""
+    mine = json.dumps([problem, into_model]).encode()
+    both = [json.loads(b) for b in comm.all_gather_bytes(mine, env.device)]
+    return [str(p) for p, _ in both], frozenset(r for r, (_, dirty) in enumerate(both) if dirty)
 
 
 def _reader(
@@ -152,34 +163,30 @@ def _reader(
     roles: list[Role],
     rank: int,
     rereads: bool,
-) -> Callable[[], tuple[dict, Objects, str]] | None:
-    """This rank's part of the read step: a leader reads its copy; where that copy is a file on the
-    node's own disk the node's other ranks read it too, at the same time (the page cache holds
-    each page once, whoever asked first: the disk is read once), each verifying what it read.
-    ``rereads``: direct() of this node's leader."""
+) -> tuple[Callable[[], tuple[dict, Objects, str]] | None, bool]:
+    """This rank's part of the read step, and whether it decodes into its own model: a leader reads
+    its copy; where that copy is a file on the node's own disk the node's other ranks read it too,
+    at the same time (the page cache holds each page once, whoever asked first: the disk is read
+    once), each verifying what it read. ``rereads``: direct() of this node's leader."""
     role = roles[rank]
+    into_model = rank != CLEAN
     if role.kind in ("own", "copy") and rereads and not (rank == plan.source and receivers(roles)):
         # Its node reads the file itself and no other node needs its bytes: read into place
         # too, never the whole file in memory (on a GPU: nothing of it held on the host).
-        return lambda: _read_in_place(state, managers, plan, role)
+        return lambda: _read_in_place(state, managers, plan, role, into_model), into_model
     if role.kind in ("own", "copy"):
-        return lambda: _read(state, managers, plan, role)
+        return lambda: _read(state, managers, plan, role), False
     copy = roles[role.leader].copy if role.kind == "follow" else None
     if copy is None or not rereads:
-        return None
-    return lambda: ({}, *_reread(state, plan.chosen, copy, REREAD))
+        return None, False
+    return lambda: ({}, *_reread(state, plan.chosen, copy, REREAD, into_model)), into_model
 
 
 def _read(
     state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role
 ) -> tuple[dict, Objects, str]:
     """A leader's read of its copy: (the files' bytes, decoded, "" or why not usable)."""
-    assert role.copy is not None
-    if role.kind == "own":
-        reader, name = managers[role.copy.tier], role.copy.name
-    else:
-        root, _, name = role.copy.location.rstrip("/").rpartition("/")
-        reader = CheckpointManager(open_storage(root), keep=1, files=CKPT_FILES)
+    reader, name = _manager_of(managers, role)
     blobs: dict = {}
     objects: Objects = {}
     problem = ""
@@ -199,15 +206,34 @@ def _read(
 
 
 def _read_in_place(
-    state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role
+    state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role, into_model: bool
 ) -> tuple[dict, Objects, str]:
     """A leader's read where nothing will be sent from it: as its node's other ranks read (each
     byte straight to the tensor that keeps it), the bytes counted as read from storage."""
+    reader, name = _manager_of(managers, role)
     assert role.copy is not None
-    objects, problem = _reread(state, plan.chosen, role.copy, READ)
+    try:
+        same = reader.manifest(name)["files"] == plan.chosen.entries
+        problem = "" if same else "it changed since it was listed"
+    except Problem as p:
+        problem = str(p)
+    except OSError as e:  # as _read: this copy fails, the round goes on
+        problem = f"{type(e).__name__}: {e}"
+    objects: Objects = {}
+    if not problem:
+        objects, problem = _reread(state, plan.chosen, role.copy, READ, into_model)
     if role.kind == "own":
-        managers[role.copy.tier].record(role.copy.name, problem)
+        reader.record(name, problem)
     return {}, objects, problem
+
+
+def _manager_of(managers: list[CheckpointManager], role: Role) -> tuple[CheckpointManager, str]:
+    """The manager a leader reads its copy through, and the copy's name there."""
+    assert role.copy is not None
+    if role.kind == "own":
+        return managers[role.copy.tier], role.copy.name
+    root, _, name = role.copy.location.rstrip("/").rpartition("/")
+    return CheckpointManager(open_storage(root), keep=1, files=CKPT_FILES), name
 
 
 def direct(roles: list[Role], leader: int) -> bool:
@@ -258,7 +284,9 @@ def _send_or_receive(
     return send_all
 
 
-def _reread(state: TrainState, chosen: Copy, copy: Copy, counter: ByteCounter) -> tuple[Objects, str]:
+def _reread(
+    state: TrainState, chosen: Copy, copy: Copy, counter: ByteCounter, into_model: bool
+) -> tuple[Objects, str]:
     """The leader's copy read by another rank of its node, in pieces: each read straight into the
     tensor it belongs to where the decoder has one on the host (Decoder.slot), else through one
     small buffer; checked as the leader's is."""
@@ -277,7 +305,7 @@ def _reread(state: TrainState, chosen: Copy, copy: Copy, counter: ByteCounter) -
         storage.stream(name, file, size, piece, into=decoder.slot)
         return hasher.hexdigest()
 
-    return _decoded(state, chosen, feed_file, "as read again")
+    return _decoded(state, chosen, feed_file, "as read again", into_model)
 
 
 def _receive(
@@ -303,20 +331,23 @@ def _receive(
 
         return stream.receive(size, env.device, source, group, feed)
 
-    return _decoded(state, chosen, feed_file, "as received")
+    return _decoded(state, chosen, feed_file, "as received", env.rank != CLEAN)
 
 
 FeedFile = Callable[[str, int, Decoder], str]  # (file, size, its decoder) -> the bytes' xxh3
 
 
-def _decoded(state: TrainState, chosen: Copy, feed_file: FeedFile, how: str) -> tuple[Objects, str]:
+def _decoded(
+    state: TrainState, chosen: Copy, feed_file: FeedFile, how: str, into_model: bool
+) -> tuple[Objects, str]:
     """Each file decoded as its bytes arrive (``feed_file`` hands them on and returns their
-    checksum), the model's part straight into the model's own tensors: no copy of the checkpoint
-    is ever whole in memory here (if it then fails to verify, the model holds part of it: see
-    resume())."""
+    checksum), with ``into_model`` the model's part straight into the model's own tensors: no
+    copy of the checkpoint is ever whole in memory here. If it then fails to verify, the model
+    holds part of it: resume() starts such models again from rank CLEAN's, which never decodes
+    into its own (its model file goes to fresh memory, copied in only by a restore)."""
     objects: Objects = {}
     problems = []
-    targets = state.targets()
+    targets = state.targets() if into_model else {}
     for file, entry in chosen.entries.items():
         decoder = Decoder(file, entry["size"], targets.get(file), state.device_for(file))
         try:

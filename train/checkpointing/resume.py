@@ -201,7 +201,7 @@ def resume(
             echo=bool(unlisted),
         )
     failures = planner.Failures()
-    received: set[int] = set()  # ranks that received (into their model) in any round
+    received: set[int] = set()  # ranks whose model took bytes of a copy in any round (fetch.Round.dirty)
     with _node_group(env, reports) as node:
         while True:
             try:
@@ -216,10 +216,9 @@ def resume(
                 log.warning("nodes hold different checkpoints of step %d; using rank %d's", step, source)
             roles = planner.roles(plan, reports, shared, failures.forced)
             done = fetch.run_round(env, state, managers, plan, roles, node, limit)
-            if done.moved:
-                received.update(r for r, role in enumerate(roles) if role.kind in ("receive", "follow"))
-                if roles[env.rank].kind == "receive":
-                    pulled += sum(e["size"] for e in plan.chosen.entries.values())
+            received.update(done.dirty)
+            if done.moved and roles[env.rank].kind == "receive":
+                pulled += sum(e["size"] for e in plan.chosen.entries.values())
             if not any(done.outcomes):
                 resumed = _restored(state, env, reports, plan, roles, done.objects, failures.skipped)
                 break

@@ -118,8 +118,11 @@ def export(
                 raise CliError(f"{why}; pick another --step (see: python -m train.ckpt ls)") from None
             print(f"warning: {why}; trying the next older one", file=sys.stderr)
             continue
-        except ValueError as e:  # the model file does not deserialise
-            raise CliError(f"checkpoint {info.name}: {file} does not deserialise ({str(e)[:200]})") from None
+        except exporting.ExportError:
+            raise
+        except Exception as e:  # the model file does not deserialise (whatever a crafted one raises)
+            why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise CliError(f"checkpoint {info.name}: {file} does not deserialise ({why})") from None
         exporting.write(tensors, out, format)
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         print(f"{out}: {len(tensors)} tensors, {size / 1e6:.1f} MB, from {info.name} ({format})")

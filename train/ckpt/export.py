@@ -58,10 +58,14 @@ def check_destination(out: Path, checkpoints: Path | None, overwrite: bool) -> N
     """ExportError unless ``out`` may be written: not inside the checkpoints' directory (nothing
     there is ever written but by a commit), not an existing path unless ``overwrite``."""
     if checkpoints is not None:
-        root = checkpoints.resolve()
-        if out.resolve() == root or root in out.resolve().parents:
+        root, where = checkpoints.resolve(), out.resolve()
+        if where == root or root in where.parents:
             raise ExportError(
                 f"--out {out} is inside the checkpoints' directory {checkpoints}; write it elsewhere"
+            )
+        if where in root.parents:
+            raise ExportError(
+                f"--out {out} holds the checkpoints' directory {checkpoints}; write it elsewhere"
             )
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise ExportError(f"--out {out} exists; remove it, choose another path or pass --overwrite")
@@ -107,15 +111,18 @@ def _write_dcp(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def _replace(tmp: Path, out: Path) -> None:
-    """``tmp`` to ``out``; a directory (or a file where a directory is asked, or the reverse) in the
-    way is moved aside first and removed only after the rename."""
+    """``tmp`` to ``out``: a file over a file (or a link) in one rename; anything else in the way
+    (a directory, a link where a directory goes) is moved aside first and removed only after."""
+    if tmp.is_file() and (out.is_symlink() or not out.is_dir()):
+        os.replace(tmp, out)
+        return
     aside = None
-    if out.exists() and (out.is_dir() or tmp.is_dir()) and not out.is_symlink():
+    if out.exists() or out.is_symlink():
         aside = out.parent / f".{out.name}.replaced-{uuid.uuid4().hex[:8]}"
         os.rename(out, aside)
-    os.replace(tmp, out)
+    os.rename(tmp, out)
     if aside is not None:
-        if aside.is_dir():
+        if aside.is_dir() and not aside.is_symlink():
             shutil.rmtree(aside, ignore_errors=True)
         else:
             aside.unlink(missing_ok=True)
