@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 NPROC ?= 2
 ARGS ?=
 
-.PHONY: setup run test test-slurm test-s3 test-docker test-torchx lint format chaos bench clean
+.PHONY: setup run test test-fsdp test-compile test-slurm test-s3 test-docker test-torchx lint format chaos bench clean
 
 # The stamp names the torch build, so `make setup TORCH_INDEX=...` after a CPU setup reinstalls.
 STAMP := $(VENV)/.installed-torch-$(TORCH_VERSION)$(if $(TORCH_INDEX),-$(notdir $(TORCH_INDEX)))
@@ -30,6 +30,14 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests/unit tests/dist tests/e2e
+
+# Sharded training (FSDP2 / HSDP over gloo) killed, restarted and resharded by real torchrun runs.
+test-fsdp: setup
+	$(PY) -m pytest -q -n 2 --dist load --durations=10 tests/fsdp
+
+# torch.compile'd runs (inductor compiles on 2 cores: minutes) resume bit-exact, to and from plain ones.
+test-compile: setup
+	$(PY) -m pytest -q --durations=5 tests/compile
 
 # A real two-node SLURM cluster on loopback (root: installs Debian's Slurm, tests/slurm/cluster.sh).
 test-slurm: setup

@@ -117,6 +117,16 @@ class DistConfig:
 
 
 @dataclass
+class ParallelConfig:
+    mode: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """ddp: every rank holds the whole model. fsdp: FSDP2 shards parameters, gradients and optimizer
+    state over all ranks (each transformer block and the root), and every rank saves only its own
+    shards. hsdp: shards within groups of --parallel.shard-size ranks, replicated across groups."""
+    shard_size: int = 0
+    """hsdp: ranks a shard group spans (consecutive ranks); 0: the ranks of one node."""
+
+
+@dataclass
 class WatchdogConfig:
     enabled: bool = True
     timeout_s: float = 0.0
@@ -168,6 +178,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -219,6 +230,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.model.dropout < 1.0, "--model.dropout must be in [0, 1)"),
         (cfg.optim.lr > 0, "--optim.lr must be > 0"),
         (cfg.dist.init_timeout_s > 0 and cfg.dist.timeout_s > 0, "--dist timeouts must be > 0"),
+        (cfg.parallel.shard_size >= 0, "--parallel.shard-size must be >= 0 (0: the ranks of a node)"),
         (
             re.fullmatch(r"[\w.]+:\w+", cfg.task) is not None,
             f"--task {cfg.task!r} must look like package.module:function",

@@ -44,12 +44,16 @@ class TrainState:
         return {
             MODEL_FILE: self.model.state_dict(),
             OPTIM_FILE: self.optimizer.state_dict(),
-            TRAIN_FILE: {
-                "step": self.step,
-                "scheduler": self.scheduler.state_dict(),
-                "sampler": self.sampler.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            },
+            TRAIN_FILE: self.train_state(),
+        }
+
+    def train_state(self) -> dict[str, Any]:
+        """What the train file holds: the step, scheduler, sampler and grad scaler (live)."""
+        return {
+            "step": self.step,
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_state_dict(self, files: Files) -> None:
@@ -140,6 +144,11 @@ class TrainState:
 
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def fits(theirs: Any, mine: Any, what: str) -> None:
+    """ValueError unless ``theirs`` (decoded from a checkpoint) has the structure of ``mine``."""
+    _like(theirs, mine, what)
 
 
 def _like(theirs: Any, mine: Any, what: str) -> None:

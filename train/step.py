@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from train import config, rng
 from train.errors import ConfigError
 from train.loader import Batches
+from train.parallel import fsdp
 from train.runtime import comm
 from train.runtime.dist import DistEnv
 from train.runtime.private import Untrusted, trusted_tree
@@ -64,9 +65,10 @@ def compile_cache(cfg: config.Config) -> None:
 
 
 def wrap(model: torch.nn.Module, cfg: config.Config, env: DistEnv) -> torch.nn.Module:
-    """The model the steps run: DDP across ranks, then compiled if asked (DDP's graph breaks at
-    its buckets). Checkpoints keep the plain module's names: the state holds ``model`` itself."""
-    if env.backend:
+    """The model the steps run: DDP across ranks (unless FSDP2 shards it), then compiled if asked
+    (DDP's graph breaks at its buckets). Checkpoints keep the plain module's names: the state
+    holds ``model`` itself."""
+    if env.backend and not fsdp.sharded(cfg):  # FSDP2 sharded the model in place (build())
         model = DDP(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)

@@ -13,9 +13,11 @@ import torch
 
 from train import config, rng
 from train.checkpointing.checkpointer import Checkpointer
+from train.checkpointing.sharded import ShardedCheckpointer
 from train.errors import EXIT_PREEMPTED
 from train.loader import Batches
 from train.observe.metrics import Metrics
+from train.parallel import fsdp
 from train.runtime import dist as distributed
 from train.runtime import faults, preempt, private, warmstart
 from train.runtime.dist import DistEnv
@@ -42,6 +44,8 @@ def build(cfg: config.Config, env: DistEnv) -> tuple[Task, TrainState]:
     rng.seed_all(cfg.seed)
     task = load_task(cfg.task)(cfg)
     task.model.to(env.device)
+    if fsdp.sharded(cfg):  # before the optimizer: it must hold the sharded parameters
+        fsdp.shard(task.model, cfg, env)
     rng.seed_all(cfg.seed + 1000 * env.rank)
     optimizer = build_optimizer(task.model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg.optim, cfg.max_steps))
@@ -79,7 +83,11 @@ def train(cfg: config.Config, env: DistEnv) -> int:
             )
         )
         checkpointer = stack.enter_context(
-            Checkpointer(cfg, env, state, config.fingerprint(cfg), metrics.event)
+            ShardedCheckpointer(
+                cfg, env, state, config.fingerprint(cfg), metrics.event, fsdp.mesh_shape(cfg, env)
+            )
+            if fsdp.sharded(cfg)
+            else Checkpointer(cfg, env, state, config.fingerprint(cfg), metrics.event)
         )
         resumed = checkpointer.resume()
         warm = warmstart.warm_ms() is not None
@@ -141,7 +149,9 @@ def train(cfg: config.Config, env: DistEnv) -> int:
                     if val is not None:
                         metrics.val(state.step, val)
 
-        if env.is_main and task.sample_fn is not None:
-            log.info("sample:\n%s", task.sample_fn(task.model))
+        if task.sample_fn is not None and (env.is_main or fsdp.sharded(cfg)):
+            text = task.sample_fn(task.model)  # sharded: every rank's forward gathers the weights
+            if env.is_main:
+                log.info("sample:\n%s", text)
         log.info("done: %d steps, checkpoints in %s", state.step, config.ckpt_dir(cfg))
     return 0

@@ -459,7 +459,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="fewer steps, rounds and trials (~3-6 min)")
     p.add_argument("--out", default=str(ROOT / "results.md"), help="where to write the table")
     p.add_argument(
-        "--only", default="", help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3,N1-N2,S1-S3"
+        "--only",
+        default="",
+        help="comma-separated sections: T1,P1/P7/P8,P2,P4,M1-M3,L1-L3,N1-N2,S1-S4,W1-W2,X1-X6,F1-F5",
     )
     args = p.parse_args()
     q = args.quick
@@ -790,6 +792,38 @@ def main() -> int:
                   f"{r['bf16']['median']:.3f}", f"{r['fp32']['median']:.3f}",
                   r["bf16"]["median"] / r["fp32"]["median"], "ref 0")  # fmt: skip
 
+    def sharded() -> None:
+        from fsdp_bench import bench_f1_f2, bench_f3, bench_f4
+
+        raw["fsdp_f1_f2"] = bench_f1_f2()
+        ranks = raw["fsdp_f1_f2"]["ranks"]
+        shard = fmt_mb(max(r["shard_bytes"] for r in ranks))
+        worst = max(ranks, key=lambda r: max(r["stalls"]) / r["memcpy_s"])
+        stall = statistics.median(worst["stalls"])
+        table.add("F1", "a save's stall of the step loop (the call, then the wait for its copy after "
+                  f"the next forward/backward) / a memcpy of the rank's shard ({shard}; fsdp, GPT 8x512, "
+                  "2 ranks; worst rank, median of 2 saves)",
+                  fmt_ms(stall), fmt_ms(worst["memcpy_s"]), stall / worst["memcpy_s"], "<= 1.0")  # fmt: skip
+        grown = max(ranks, key=lambda r: r["growth"] / r["shard_bytes"])
+        table.add("F2", "a rank's peak RSS growth during its first save (staging allocated, written, "
+                  f"read back, committed) / its shard bytes ({shard}), worst rank",
+                  fmt_mb(grown["growth"]), fmt_mb(grown["shard_bytes"]),
+                  grown["growth"] / grown["shard_bytes"], "<= 1.5")  # fmt: skip
+        f3 = raw["fsdp_f3"] = bench_f3(20 if q else 30)
+        if f3["resume_s"] is not None:
+            table.add("F3", "resume, a 2-rank fsdp job's checkpoint by a 1-rank job (rows by byte range, "
+                      "verified by block, restored) / a plain read of its shard files "
+                      f"({fmt_mb(f3['shard_file_bytes'])}), page cache warm",
+                      fmt_ms(f3["resume_s"]), fmt_ms(f3["plain_read_s"]),
+                      f3["resume_s"] / f3["plain_read_s"], "<= 1.3")  # fmt: skip
+        reps, steps = (1, 30) if q else (2, 60)
+        f4 = raw["fsdp_f4"] = bench_f4(reps, steps)
+        table.add("F4", f"steps/s, fsdp / ddp, default GPT, 2 ranks, {steps} steps, median of {reps}",
+                  f"{f4['fsdp']['median']:.3f}", f"{f4['ddp']['median']:.3f}",
+                  f4["fsdp"]["median"] / f4["ddp"]["median"], "ref 0")  # fmt: skip
+        table.add("F5", "steps lost on a node loss with the replicated node-local tier: not built yet",
+                  "-", "-", None, "<= K")  # fmt: skip
+
     def scale() -> None:
         from scale_bench import measure
 
@@ -862,6 +896,7 @@ def main() -> int:
         ("S1-S4", "checkpoints in object storage", s3),
         ("W1-W2", "DataLoader workers, mixed precision", training),
         ("X1-X6", "resume at a cluster's shape", scale),
+        ("F1-F5", "sharded training (fsdp) and its checkpoints", sharded),
     ):
         if wanted is None or rid in wanted:
             section(table, rid, metric, fn)

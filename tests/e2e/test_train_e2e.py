@@ -66,7 +66,9 @@ def test_torchrun_two_ranks(tmp_path, corpus):
 
     run_dir = tmp_path / "run"
     args = tiny_args(run_dir, corpus, max_steps=40, eval_interval=20, ckpt__keep=5)
-    proc = launch_local(args, tmp_path)  # through the launcher, as a scheduler runs it: exit 0
+    # Through the launcher, as a scheduler runs it: exit 0. Steps of 20 ms at least, so that each
+    # save (fsyncs) ends within its 10 steps on a loaded machine too: none is skipped as still busy.
+    proc = launch_local(args, tmp_path, FTJOB_FAULT="slow:ms=20")
     _ok(proc)
     status = json.loads((run_dir / "exit_status.json").read_text())
     assert (status["code"], status["class"], status["cause"]) == (0, "done", "finished"), status

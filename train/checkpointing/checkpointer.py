@@ -23,6 +23,7 @@ turn a slow save into a failed job.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -31,20 +32,23 @@ from pathlib import Path
 import torch
 
 from train import config
-from train.checkpointing import replicas
+from train.checkpointing import replicas, together
 from train.checkpointing.boundary import Agreement, agree
 from train.checkpointing.local_tier import LocalTier, agree_run_id
 from train.checkpointing.policy import SavePolicy
+from train.checkpointing.reshard import resume_sharded
 from train.checkpointing.resume import Resumed, resume
 from train.checkpointing.snapshot import Snapshots
 from train.checkpointing.together import Limit
+from train.ckpt import manifest as mf
+from train.ckpt import shards as shard_format
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, is_url, open_storage
 from train.ckpt.writer import CheckpointWriter
 from train.errors import StorageError
-from train.runtime import preempt, private
+from train.runtime import comm, preempt, private
 from train.runtime.dist import DistEnv
-from train.state import CKPT_FILES, TrainState
+from train.state import CKPT_FILES, Files, TrainState
 
 log = logging.getLogger("train")
 POLL_S = 0.2
@@ -52,6 +56,8 @@ Events = Callable[..., object]  # metrics.event(kind, **fields)
 
 
 class Checkpointer:
+    FILES: frozenset[str] | None = CKPT_FILES  # what every checkpoint holds (None: its manifest says)
+
     def __init__(self, cfg: config.Config, env: DistEnv, state: TrainState, fingerprint: str, events: Events):
         """Collective on multi-node runs (the ranks find out who writes, replicas.py)."""
         self.cfg, self.env, self.state, self.fingerprint, self.events = (
@@ -64,11 +70,11 @@ class Checkpointer:
         self.run_dir = Path(cfg.run_dir)
         self.meta = {"world_size": env.world_size, "fingerprint": fingerprint, "config": config.to_dict(cfg)}
         storage = open_storage(config.ckpt_dir(cfg))
-        self.manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=CKPT_FILES)
+        self.manager = CheckpointManager(storage, keep=cfg.ckpt.keep, files=self.FILES)
         # One bucket prefix is one directory every node sees: written by rank 0 alone, as a shared one.
         remote = isinstance(storage, FsspecStorage)
         where = self.run_dir if remote else Path(config.ckpt_dir(cfg))  # where checkpoints go
-        self.layout = replicas.layout(where, env, remote=remote)
+        self.layout = self._layout(where, remote)
         if self.layout.writes:
             _warn_if_shared(self.run_dir, self.manager)
         self.run_id = agree_run_id(self.run_dir, env, keeps=self.layout.local_writes)
@@ -113,6 +119,15 @@ class Checkpointer:
     # -- the three calls ---------------------------------------------------------------------------------
     def resume(self) -> Resumed | None:
         """Collective: restore the state from the newest valid checkpoint on any node (None: none)."""
+        if self._any_sharded():  # a sharded run's: each rank reads it whole, by its layout
+            return resume_sharded(
+                CheckpointManager(self.manager.storage, keep=self.cfg.keep),
+                self.state,
+                self.env,
+                self.fingerprint,
+                self.run_dir,
+                Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s),
+            )
         return resume(
             self.manager,
             self.state,
@@ -125,6 +140,29 @@ class Checkpointer:
             run_id=self.run_id,
             limit=Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s),
         )
+
+    def _any_sharded(self) -> bool:
+        """Collective: whether any durable checkpoint rank 0 sees was written by a sharded run
+        (--parallel.mode fsdp/hsdp before a change to ddp). Then the resume walks them all by
+        reshard.py's rules, which read both kinds: the DDP listing would refuse every sharded one
+        and start afresh over them. Bounded like any read at resume."""
+
+        def look() -> bool:
+            try:
+                names = [(mf.step_of(n), n) for n in self.manager.storage.names()]
+            except OSError:
+                return False  # the usual resume says what cannot be read
+            for step, name in names:
+                with contextlib.suppress(OSError, mf.Problem):  # unreadable: not known to be sharded
+                    raw = self.manager.storage.read(name, mf.MANIFEST, limit=mf.MANIFEST_LIMIT)
+                    if step is not None and shard_format.is_sharded(mf.parse(bytes(raw), step)):
+                        return True
+            return False
+
+        mine = self.env.rank == 0 and self.layout.shared
+        limit = Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, 0)
+        sharded = together.run(look if mine else None, limit, "listing checkpoints")
+        return comm.all_gather_bytes(b"1" if sharded else b"", self.env.device)[0] == b"1"
 
     def agree(self, loss: torch.Tensor, stop_requested: bool) -> tuple[float, Agreement]:
         """Collective, the step's one all-reduce: (the mean loss, what every rank agrees on).
@@ -176,28 +214,38 @@ class Checkpointer:
         if last or agreed.saving_local:
             self._settle()  # the previous save first: one in flight at most
         writes = self.layout.writes
-        precheck = lambda: self.policy.before_save(self.state.nbytes())  # noqa: E731
-        snapshot = lambda: self.snapshots.take(self.env.device, writes)  # noqa: E731
-        self.writer.save(step, snapshot, self.meta, precheck, self._save_limit_s())
+        # Sized here, not on the writer's thread: a model's state_dict() is no thread's to call
+        # beside the step loop (FSDP2 swaps its parameters in its state_dict hooks).
+        nbytes = self.state.nbytes()
+        precheck = lambda: self.policy.before_save(nbytes)  # noqa: E731
+        snapshot = lambda: self._snapshot(step, writes)  # noqa: E731
+        self.writer.save(step, snapshot, self.meta, precheck, self._save_limit_s(nbytes))
         if blocking:
             self._settle(final=last)
         stall = time.perf_counter() - t0 if blocking else self.writer.stall_s
         self.events("checkpoint", step=step, stall_s=stall)
 
-    def _save_limit_s(self) -> float:
+    def _layout(self, where: Path, remote: bool) -> replicas.Layout:
+        """Collective on multi-node runs: who writes which checkpoints (replicas.py)."""
+        return replicas.layout(where, self.env, remote=remote)
+
+    def _snapshot(self, step: int, writes: bool) -> Files | Callable[[], Files] | None:
+        """Collective: the state to save at ``step`` (None where this rank writes nothing)."""
+        return self.snapshots.take(self.env.device, writes)
+
+    def _save_limit_s(self, nbytes: int) -> float:
         """How long a save of the state as it is now may run before it counts as hung (both tiers
         save the same state: one limit serves them)."""
-        self._limit = Limit(
-            self.cfg.save_timeout_s, "--ckpt.save-timeout-s", self.state.nbytes(), self.cfg.slowest_mb_s
-        )
+        self._limit = Limit(self.cfg.save_timeout_s, "--ckpt.save-timeout-s", nbytes, self.cfg.slowest_mb_s)
         return self._limit.seconds
 
     def _save_local(self, step: int) -> None:
         writer = self.local.writer
         copy = self.snapshots.take(self.env.device, self.local.writing)  # collective: every rank takes part
         if copy is not None and writer is not None:
-            precheck = lambda: self.local.before_save(self.state.nbytes())  # noqa: E731
-            writer.save(step, lambda: copy, self.meta, precheck, self._save_limit_s())
+            nbytes = self.state.nbytes()
+            precheck = lambda: self.local.before_save(nbytes)  # noqa: E731
+            writer.save(step, lambda: copy, self.meta, precheck, self._save_limit_s(nbytes))
         if not self.cfg.async_save:
             self._settle()
         if copy is not None and writer is not None:

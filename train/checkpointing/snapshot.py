@@ -47,7 +47,7 @@ class Stager:
         return obj
 
 
-def _to_bytes(obj: Any) -> bytes:
+def to_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
@@ -62,7 +62,7 @@ class Snapshots:
         """Collective: every rank calls it; a rank that ``writes`` gets a deferred copy of the
         checkpoint's files, the others None. What is cheap and changes outside the optimizer
         (step, scheduler, sampler, RNG) is copied now, the tensors when the function is called."""
-        rng_states = comm.all_gather_bytes(_to_bytes(rng.capture(device)), device)
+        rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
         if not writes:
             return None
         files = self.state.state_dict()

@@ -16,6 +16,7 @@ import tyro
 
 from train.ckpt import export as exporting
 from train.ckpt import manifest as mf
+from train.ckpt import shards
 from train.ckpt.codec import deserialize
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.objstore import FsspecStorage, is_url
@@ -86,6 +87,20 @@ def inspect(run_dir: Dir, /, step: int | None = None) -> int:
     return 0
 
 
+def _model(manager: CheckpointManager, name: str, file: str) -> object:
+    """A checkpoint's weights: its model file, or a sharded checkpoint's rows of them, joined."""
+    manifest = manager.manifest(name)
+    if not shards.is_sharded(manifest):
+        return deserialize(file, manager.read_file(name, file))
+    reader = shards.ShardReader(manager.storage, name, manifest)
+    whole = {
+        k: (0, shards.rows_of(spec["shape"]))
+        for k, spec in reader.tensors.items()
+        if k.startswith(shards.MODEL)
+    }
+    return {k[len(shards.MODEL) :]: t for k, t in reader.read_rows(whole).items()}
+
+
 def export(
     run_dir: Dir,
     /,
@@ -97,9 +112,9 @@ def export(
 ) -> int:
     """Write a checkpoint's model (default: the newest valid one) for other tools, with plain
     parameter names: one safetensors file, or with --format dcp a torch.distributed.checkpoint
-    directory that dcp.load (torchtitan, torchtune) reads. Only the model file is read, checked
-    against the manifest; an older checkpoint is used when a newer one does not verify (said on
-    stderr)."""
+    directory that dcp.load (torchtitan, torchtune) reads. Only the model file is read (of a
+    sharded checkpoint, the weights' rows in every shard file), checked against the manifest; an
+    older checkpoint is used when a newer one does not verify (said on stderr)."""
     manager = _manager(run_dir)
     local = manager.storage.location("") if not is_url(run_dir) else None
     exporting.check_destination(out, Path(local) if local else None, overwrite)
@@ -110,8 +125,7 @@ def export(
         try:
             if not info.valid:
                 raise mf.Problem(info.reason)
-            data = manager.read_file(info.name, file)
-            tensors = exporting.plain_names(deserialize(file, data))
+            tensors = exporting.plain_names(_model(manager, info.name, file))
         except (mf.Problem, OSError) as p:
             why = f"checkpoint {info.name} is not usable ({p})"
             if step is not None:

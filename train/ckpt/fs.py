@@ -94,6 +94,46 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)  # a link or a stray file: the link itself, never its target
 
 
+def write_file(dir_fd: int, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+    """A new file in the directory ``dir_fd``, durable when this returns (never through a link)."""
+
+    def opener(path: str, flags: int) -> int:
+        return os.open(path, flags | os.O_NOFOLLOW, 0o666, dir_fd=dir_fd)
+
+    with open(plain(file), "wb", opener=opener) as f:
+        for piece in data if isinstance(data, list) else [data]:
+            f.write(piece)
+        f.flush()
+        hooks.point("ckpt.file_written")
+        os.fsync(f.fileno())
+
+
+class JoinedWrite:
+    """Files written into another process's pending checkpoint (a sharded save: every rank writes
+    its own shards into the one temporary directory rank 0 claimed and will commit). The directory
+    must be this user's own, reached without a link."""
+
+    def __init__(self, root: Path, tmp: str):
+        if not tmp.startswith(TMP_PREFIX):
+            raise ValueError(f"{tmp!r} is not a pending checkpoint")
+        self._fd = os.open(root / plain(tmp), DIR)
+        if os.fstat(self._fd).st_uid != os.geteuid():
+            os.close(self._fd)
+            raise PermissionError(errno.EPERM, f"{root / tmp} is not this user's")
+
+    def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+        write_file(self._fd, file, data)
+
+    def open(self, file: str) -> int:
+        """A read-only fd of a file written here (to read it back)."""
+        return os.open(plain(file), os.O_RDONLY | os.O_NOFOLLOW, dir_fd=self._fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class LocalPendingWrite:
     def __init__(self, root: Path, name: str):
         self.root, self.name = root, name
@@ -116,17 +156,9 @@ class LocalPendingWrite:
             os.close(fd)
         raise OSError(f"could not claim a temporary directory under {self.root}")
 
-    def _open(self, path: str, flags: int) -> int:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o666, dir_fd=self._fd)
-
     def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
         """``data``: the bytes, or a list of pieces written one after the other."""
-        with open(plain(file), "wb", opener=self._open) as f:
-            for piece in data if isinstance(data, list) else [data]:
-                f.write(piece)
-            f.flush()
-            hooks.point("ckpt.file_written")
-            os.fsync(f.fileno())
+        write_file(self._fd, file, data)
 
     def commit(self) -> None:
         os.fsync(self._fd)

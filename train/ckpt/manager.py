@@ -298,6 +298,16 @@ class CheckpointManager:
         self._retain()
         return name
 
+    def known_problem(self, name: str) -> str:
+        """Why this process found checkpoint ``name`` unusable ("" if it did not)."""
+        return self._failed.get(name, "")
+
+    def committed(self, name: str) -> None:
+        """A checkpoint committed by the caller itself (whose writers verified each file as they
+        wrote it): known valid, and retention runs as after save()."""
+        self._record(name, "")
+        self._retain()
+
     def _retain(self) -> None:
         """Retention after a commit: whatever goes wrong in it, the commit stands (and nothing
         is deleted that was not already judged deletable)."""

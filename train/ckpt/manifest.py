@@ -74,14 +74,24 @@ def entry(data: bytes | memoryview | Pieces) -> dict[str, Any]:
 
 
 def build(step: int, blobs: dict[str, bytes | memoryview | Pieces], meta: dict[str, Any]) -> bytes:
+    return build_from(step, {f: entry(b) for f, b in blobs.items()}, meta)
+
+
+def build_from(
+    step: int, entries: dict[str, dict[str, Any]], meta: dict[str, Any], compact: bool = False
+) -> bytes:
+    """The manifest of files already written elsewhere, from their entries (see entry());
+    ``compact``: no indentation (a sharded checkpoint's layout is big)."""
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
         "time": time.time(),
         "torch": torch.__version__,
-        "files": {f: entry(b) for f, b in sorted(blobs.items())},
+        "files": dict(sorted(entries.items())),
         **meta,
     }
+    if compact:
+        return json.dumps(manifest, separators=(",", ":"), sort_keys=True).encode()
     return json.dumps(manifest, indent=1, sort_keys=True).encode()
 
 

@@ -38,6 +38,7 @@ from train.ckpt.fs import (
     DELETE_PREFIX,
     DIR,
     TMP_PREFIX,
+    JoinedWrite,
     LocalPendingWrite,
     Unreadable,
     fsync_path,
@@ -258,6 +259,31 @@ class LocalStorage:
                     raise Unreadable(f"{got} of {size} bytes", actual=got)
                 on_chunk(target[:n])
                 got += n
+
+    def read_range(
+        self, name: str, file: str, offset: int, length: int, into: memoryview | None = None
+    ) -> memoryview:
+        """``length`` bytes of the file from ``offset`` (a sharded checkpoint's reader takes only
+        the rows it needs), into the start of ``into`` if given (a buffer reused from one read to
+        the next costs no fresh pages); Unreadable if the file ends before."""
+        fd, st = self._open(name, file)
+        try:
+            if offset + length > st.st_size:
+                raise Unreadable(f"{st.st_size} bytes, read up to {offset + length}", actual=st.st_size)
+            view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
+            got = 0
+            while got < length:
+                n = os.preadv(fd, [view[got : got + READ_CHUNK]], offset + got)
+                if not n:
+                    raise Unreadable(f"{offset + got} of {st.st_size} bytes", actual=offset + got)
+                got += n
+            return view
+        finally:
+            os.close(fd)
+
+    def join(self, tmp: str) -> JoinedWrite:
+        """Write into the pending checkpoint ``tmp`` that another rank began (and will commit)."""
+        return JoinedWrite(self.root, tmp)
 
     def size(self, name: str, file: str) -> int | None:
         try:

@@ -40,6 +40,10 @@ class CheckpointWriter:
         self._started: float | None = None  # monotonic start of the save in flight
         self.step_in_flight: int | None = None
         self.limit_s = float("inf")  # how long the save in flight may run before it counts as hung
+        # What a save does with its files (default: the manager commits them); its return value is
+        # kept in ``result`` (a sharded save writes one rank's part and returns its entries).
+        self.commit: Callable[[int, Files, dict[str, Any]], Any] | None = None
+        self.result: Any = None
 
     def _write(
         self, step: int, state: Snapshot, meta: dict[str, Any], precheck: Callable[[], object] | None
@@ -52,13 +56,17 @@ class CheckpointWriter:
                 self._staged.set()
             if precheck is not None:
                 precheck()
-            name = self.manager.save(step, files, meta)
+            if self.commit is not None:  # the caller commits, and says so (last_committed)
+                self.result = self.commit(step, files, meta)
+                return
+            else:
+                name = self.manager.save(step, files, meta)
+                log.info(
+                    "checkpoint %s committed (%.2fs)",
+                    self.manager.storage.location(name),
+                    time.perf_counter() - t0,
+                )
             self.last_committed = step
-            log.info(
-                "checkpoint %s committed (%.2fs)",
-                self.manager.storage.location(name),
-                time.perf_counter() - t0,
-            )
         except BaseException as e:
             self._error = e
 
@@ -88,6 +96,11 @@ class CheckpointWriter:
                 return True
             self._thread = None
         return False
+
+    def fail(self, error: BaseException) -> None:
+        """A failure of this writer's save found outside its thread (a sharded save's claim or
+        commit on rank 0): reported like one raised in it."""
+        self._error = error
 
     def take_error(self) -> BaseException | None:
         """The background failure, if any, now handled by the caller (not raised again)."""
@@ -130,6 +143,7 @@ class CheckpointWriter:
         """
         t0 = time.perf_counter()
         self.wait()
+        self.result = None
         state = snapshot()
         if state is None:
             pass
