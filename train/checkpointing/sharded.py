@@ -1,10 +1,13 @@
 """The Checkpointer of a sharded run (``--parallel.mode fsdp|hsdp``): every rank saves its own rows.
 
 A save is a two-phase commit over one temporary directory:
-1. at the step boundary (collective) rank 0 claims the step's temporary directory and names it to
-   all; each rank that holds shards (the first replica group under hsdp) copies its rows out, as a
-   DDP save does, and its writer thread writes ``shard-<i>-of-<n>.safetensors`` there, durable and
-   read back (rank 0 also the train file: step, scheduler, sampler, every rank's RNG);
+1. at the step boundary the ranks gather every rank's RNG streams (the save's one collective);
+   each rank that holds shards (the first replica group under hsdp) copies its rows out, as a DDP
+   save does, and its writer thread writes ``shard-<i>-of-<n>.safetensors`` into the step's
+   temporary directory - named by the step and a token the ranks agreed at start, so nobody need
+   be asked at the step; made by whichever rank comes first - durable and read back. Rank 0's
+   thread first takes that directory to commit (or finds the step committed already) and also
+   writes the train file: step, scheduler, sampler, every rank's RNG;
 2. once the ranks agree that no writer is busy (the step's all-reduce, as for every save), they
    gather what each wrote (file entries with block checksums, the rows of each tensor), and rank 0
    writes the manifest - every file and the layout - and renames the directory. A rank whose write
@@ -18,6 +21,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,7 +40,7 @@ from train.checkpointing.together import Limit
 from train.ckpt import hooks
 from train.ckpt import manifest as mf
 from train.ckpt import shards as fmt
-from train.ckpt.storage import LocalStorage
+from train.ckpt.storage import TMP_PREFIX, LocalStorage
 from train.errors import ConfigError
 from train.runtime import comm
 from train.runtime.dist import DistEnv
@@ -77,6 +82,9 @@ class ShardedCheckpointer(Checkpointer):
         self._pending_name = ""
         self._rows: dict[str, shards.Rows] = {}  # a writer's: what its shard file holds
         self._shapes: dict[str, tuple[list[int], torch.dtype]] = {}  # every split tensor's, whole
+        # The attempt's part of every temporary directory's name: agreed now, so that a save's
+        # ranks know where to write without asking anyone at the step (unguessable by others).
+        self._token = comm.all_gather_bytes(uuid.uuid4().hex[:12].encode(), env.device)[0].decode()
 
     # -- who writes ----------------------------------------------------------------------------------
     def _layout(self, where: Path, remote: bool) -> replicas.Layout:
@@ -92,14 +100,9 @@ class ShardedCheckpointer(Checkpointer):
     # -- saving ----------------------------------------------------------------------------------------
     def _snapshot(self, step: int, writes: bool) -> Callable[[], Files] | None:
         device = self.env.device
-        # One gather: every rank's RNG streams, and (rank 0's) the temporary directory it claimed.
-        claim = (lambda: self._claim(step)) if self.env.rank == 0 else None
-        tmp = together.run(claim, self._limit, f"claiming the checkpoint of step {step}") or ""
-        said = comm.all_gather_bytes(tmp.encode() + b"\0" + to_bytes(rng.capture(device)), device)
-        tmp, rng_states = said[0].split(b"\0", 1)[0].decode(), [s.split(b"\0", 1)[1] for s in said]
-        if not tmp:
-            return None  # this step is committed already (or the directory could not be made)
-        self._pending_step, self._pending_name = step, tmp
+        # The step's one collective: every rank's RNG streams (the train file keeps them all).
+        rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
+        self._pending_step, self._pending_name = step, f"{TMP_PREFIX}{mf.name_for(step)}-{self._token}"
         if not writes:
             return None
         tensors, skeleton = shards.split(self.state)
@@ -135,31 +138,26 @@ class ShardedCheckpointer(Checkpointer):
 
         return copy_rows
 
-    def _claim(self, step: int) -> str:
-        """Rank 0: the step's temporary directory ("" if the step is committed already, or if the
-        directory could not be made: then the save failed, as the writer's policy is told)."""
+    def _claim(self, step: int) -> bool:
+        """Rank 0, on its writer's thread: take the step's temporary directory to commit it later;
+        False if the step is committed already (and verifies). OSError: this save failed."""
         manager, name = self.manager, mf.name_for(step)
-        hooks.context(save_step=step)
-        try:
-            if name in manager.storage.names():
-                # Rejected by this process (at resume, say) counts as invalid even if it verifies.
-                problem = (
-                    manager.known_problem(name) or manager.verify(name) or _layout_problem(manager, name)
-                )
-                if not problem:
-                    log.info("checkpoint %s already exists and verifies; not rewriting it", name)
-                    return ""
-                moved = manager.storage.set_aside(name)
-                log.warning("checkpoint %s did not verify (%s); moved it to %s", name, problem, moved)
-            self._pending = manager.storage.begin(name)
-        except OSError as e:
-            self.writer.fail(e)
-            return ""
-        return self._pending.tmp.name
+        if name in manager.storage.names():
+            # Rejected by this process (at resume, say) counts as invalid even if it verifies.
+            problem = manager.known_problem(name) or manager.verify(name) or _layout_problem(manager, name)
+            if not problem:
+                log.info("checkpoint %s already exists and verifies; not rewriting it", name)
+                return False
+            moved = manager.storage.set_aside(name)
+            log.warning("checkpoint %s did not verify (%s); moved it to %s", name, problem, moved)
+        self._pending = manager.storage.begin(name, self._pending_name)
+        return True
 
     def _write_mine(self, step: int, files: Files, meta: dict[str, Any]) -> dict[str, Any]:
         """On the writer thread: this rank's files into the pending directory; their entries."""
         hooks.context(save_step=step)
+        if self.env.rank == 0 and not self._claim(step):
+            return {"entries": {}, "rows": {}, "exists": True}
         target = self.manager.storage.join(self._pending_name)
         try:
             entries = {file: fmt.write_shard(target, file, obj) for file, obj in files.items()}
@@ -199,8 +197,13 @@ class ShardedCheckpointer(Checkpointer):
         """Rank 0, under the save's limit: the manifest, checked as a reader will, then the rename
         and retention. "" when committed; "skipped" or why not otherwise."""
         failed = [r for r, p in enumerate(parts) if "error" in p]
-        if failed:
+        if parts[0].get("exists") or failed:
+            if pending is None:  # rank 0 never took it (the step exists, or its own write failed)
+                pending = _Debris(self.manager.storage.root / self._pending_name)
             pending.abort()
+        if parts[0].get("exists"):
+            return ""  # committed before (an earlier attempt's): nothing to do
+        if failed:
             log.error(
                 "checkpoint of step %d not committed: rank %d could not write its shard", step, failed[0]
             )
@@ -250,3 +253,13 @@ def _layout_problem(manager: Any, name: str) -> str:
     except mf.Problem as p:
         return str(p)
     return ""
+
+
+class _Debris:
+    """A sharded save's temporary directory that rank 0 never took (its own write failed first)."""
+
+    def __init__(self, path: Any):
+        self.path = path
+
+    def abort(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

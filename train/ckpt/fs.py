@@ -113,9 +113,15 @@ class JoinedWrite:
     its own shards into the one temporary directory rank 0 claimed and will commit). The directory
     must be this user's own, reached without a link."""
 
-    def __init__(self, root: Path, tmp: str):
+    def __init__(self, root: Path, tmp: str, create: bool = False):
+        """``create``: make the directory if no rank has yet (its name is unguessable, agreed by
+        the ranks; whoever makes it, it must be this user's)."""
         if not tmp.startswith(TMP_PREFIX):
             raise ValueError(f"{tmp!r} is not a pending checkpoint")
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(root / plain(tmp))
         self._fd = os.open(root / plain(tmp), DIR)
         if os.fstat(self._fd).st_uid != os.geteuid():
             os.close(self._fd)
@@ -135,9 +141,25 @@ class JoinedWrite:
 
 
 class LocalPendingWrite:
-    def __init__(self, root: Path, name: str):
+    def __init__(self, root: Path, name: str, tmp: str | None = None):
+        """``tmp``: the temporary directory to commit, made by the ranks of a sharded save (it is
+        locked here, as one this writer made)."""
         self.root, self.name = root, name
-        self.tmp, self._fd = self._claim()
+        self.tmp, self._fd = self._adopt(tmp) if tmp is not None else self._claim()
+
+    def _adopt(self, tmp: str) -> tuple[Path, int]:
+        path = self.root / plain(tmp)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        fd = os.open(path, DIR)
+        try:
+            if os.fstat(fd).st_uid != os.geteuid() or lock(fd) is False:
+                raise OSError(errno.EPERM, f"{path} is not this job's to commit")
+        except BaseException:
+            os.close(fd)
+            raise
+        _held_locks.add(fd)
+        return path, fd
 
     def _claim(self) -> tuple[Path, int]:
         # A cleaner may lock and delete a fresh directory in the instant before its writer locks

@@ -157,9 +157,11 @@ class LocalStorage:
     def set_aside_names(self) -> list[str]:
         return sorted(n for n in self._dirs() if not n.startswith(TMP_PREFIX) and INVALID_TAG in n)
 
-    def begin(self, name: str) -> LocalPendingWrite:
+    def begin(self, name: str, tmp: str | None = None) -> LocalPendingWrite:
+        """A new checkpoint ``name``, written into a temporary directory of its own, or into
+        ``tmp`` (a sharded save's, whose ranks write into it: see join())."""
         self.root.mkdir(parents=True, exist_ok=True)
-        return LocalPendingWrite(self.root, plain(name))
+        return LocalPendingWrite(self.root, plain(name), tmp)
 
     def _open(self, name: str, file: str) -> tuple[int, os.stat_result]:
         """A read-only fd of a regular file in checkpoint ``name``, and its fstat."""
@@ -282,8 +284,9 @@ class LocalStorage:
             os.close(fd)
 
     def join(self, tmp: str) -> JoinedWrite:
-        """Write into the pending checkpoint ``tmp`` that another rank began (and will commit)."""
-        return JoinedWrite(self.root, tmp)
+        """Write into the pending checkpoint ``tmp`` of a sharded save (made by whichever rank
+        comes first; one rank commits it: begin(name, tmp))."""
+        return JoinedWrite(self.root, tmp, create=True)
 
     def size(self, name: str, file: str) -> int | None:
         try:
