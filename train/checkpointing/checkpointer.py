@@ -126,7 +126,7 @@ class Checkpointer:
                 self.env,
                 self.fingerprint,
                 self.run_dir,
-                Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s),
+                self._load_limit(),
             )
         return resume(
             self.manager,
@@ -138,8 +138,12 @@ class Checkpointer:
             shared=self.layout.shared,
             run_dir=self.run_dir,
             run_id=self.run_id,
-            limit=Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s),
+            limit=self._load_limit(),
         )
+
+    def _load_limit(self) -> Limit:
+        """How long a read at resume may run, its bytes aside (each read adds its checkpoint's)."""
+        return Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s)
 
     def _any_sharded(self) -> bool:
         """Collective: whether any durable checkpoint rank 0 sees was written by a sharded run

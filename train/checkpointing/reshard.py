@@ -10,6 +10,7 @@ into new tensors, put in place only once every rank has read and checked its par
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -198,14 +199,14 @@ def _check_train(state: TrainState, train: dict[str, Any]) -> None:
                 raise ValueError(f"optimizer state {str(key)[:40]} of parameter {index} is not a 0-d tensor")
 
 
-def _listed(manager: CheckpointManager, env: DistEnv, limit: Limit) -> list[tuple[str, str]]:
-    """Collective: rank 0's listing, newest first: (name, "" or why it is not usable). A root that
+def _listed(manager: CheckpointManager, env: DistEnv, limit: Limit) -> list[tuple[str, str, int]]:
+    """Collective: rank 0's listing, newest first: (name, "" or why it is not usable, its bytes). A root that
     cannot be listed ends the attempt on every rank (147), never a fresh start."""
 
     def look() -> str:
         try:
             manager.storage.clean_temporaries()
-            return json.dumps({"found": [(i.name, i.reason) for i in manager.list()]})
+            return json.dumps({"found": [(i.name, i.reason, i.size) for i in manager.list()]})
         except OSError as e:
             return json.dumps({"error": f"{type(e).__name__}: {e}"})
 
@@ -229,7 +230,7 @@ def resume_sharded(
     started = time.monotonic()
     model = {k: t for k, t in shards.split(state)[0].items() if k.startswith(fmt.MODEL)}
     skipped: list[str] = []
-    for name, reason in _listed(manager, env, limit):
+    for name, reason, size in _listed(manager, env, limit):
         where = manager.storage.location(name)
         if not reason:
             before = bytes_read()
@@ -244,7 +245,9 @@ def resume_sharded(
                     raise mf.Problem(first or type(e).__name__) from None
 
             try:
-                read: _Read | None = together.run(work, limit, f"reading checkpoint {name}")
+                read: _Read | None = together.run(
+                    work, dataclasses.replace(limit, nbytes=size), f"reading checkpoint {name}"
+                )
                 reason = ""
             except (mf.Problem, OSError) as e:
                 read, reason = None, str(e)

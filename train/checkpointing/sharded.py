@@ -36,7 +36,6 @@ from train.checkpointing.checkpointer import Checkpointer, Events
 from train.checkpointing.reshard import resume_sharded
 from train.checkpointing.resume import Resumed
 from train.checkpointing.snapshot import Stager, to_bytes
-from train.checkpointing.together import Limit
 from train.ckpt import hooks
 from train.ckpt import manifest as mf
 from train.ckpt import shards as fmt
@@ -240,7 +239,7 @@ class ShardedCheckpointer(Checkpointer):
             self.env,
             self.fingerprint,
             self.run_dir,
-            Limit(self.cfg.load_timeout_s, "--ckpt.load-timeout-s", 0, self.cfg.slowest_mb_s),
+            self._load_limit(),
         )
 
 
