@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -207,3 +209,58 @@ def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRe
     bucket = f"t{abs(hash(request.node.nodeid)) % 10**10:010d}"
     s3_server.make_bucket(bucket)
     return {**s3_server.env(), "BUCKET": bucket}
+
+
+# A rendezvous store in a process of its own, as an etcd or a dedicated host would be, so that
+# killing any agent of a multi-node test leaves the rendezvous alive (with c10d's default the
+# first agent hosts it).
+STORE = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=True, wait_for_workers=False,
+                      timeout=timedelta(seconds=300))
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def rendezvous_store() -> Iterator[int]:
+    """STORE running on a free port (yielded) for the block's agents."""
+    port = free_port()
+    store = subprocess.Popen([sys.executable, "-c", STORE, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert store.stdout is not None and store.stdout.readline().strip() == "ready"
+        yield port
+    finally:
+        store.kill()
+        store.wait()
+
+
+def wait(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    for pid in process_tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def agent(
+    args: list[str], port: int, log: Path, per_node: int = 1, rdzv_id: str = "replica-test"
+) -> subprocess.Popen:
+    """One "node" of an elastic job (1 to 2 nodes) on loopback: a torchrun agent of ``per_node``
+    ranks, restarted up to 5 times, its workers' steps at least 80 ms (time to act between them)."""
+    cmd = [*TORCHRUN, "--nnodes=1:2", f"--nproc_per_node={per_node}", "--rdzv-backend=c10d",
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
+           "--rdzv-conf=is_host=false,join_timeout=60,last_call_timeout=2,close_timeout=5,"
+           "keep_alive_interval=1,keep_alive_max_attempt=3",
+           "--monitor-interval=0.2", "--max-restarts=5", MAIN, *args]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FTJOB_FAULT": "slow:ms=80:restart=any"}
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out, stderr=out)

@@ -93,3 +93,30 @@ def bench_f4(reps: int, steps: int) -> dict:
                 raise RuntimeError(f"f4_{mode}_{i}: exit {rc}: {failure_reason(f'f4_{mode}_{i}')}")
             out[mode].append(steps_per_s(job_step_times(run_dir)))
     return {k: {"runs": v, "median": statistics.median(v)} for k, v in out.items()}
+
+
+def bench_f5(trials: int, work: Path) -> list[dict]:
+    """F5: the node holding global rank 0 of a 2-node x 2-rank fsdp run SIGKILLed (tests/fsdp/
+    test_fsdp_nodes.py's scenario): steps lost = the last step it logged - the survivor's resume."""
+    import sys
+    import sysconfig
+
+    here = Path(__file__).resolve().parent
+    sys.path[:0] = [str(here.parent), str(here.parent / "fsdp")]
+    from test_fsdp_nodes import LOCAL_INTERVAL, lose_rank_0s_node
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = work / "corpus.txt"  # the tests' tiny corpus (their tiny model too)
+    work.mkdir(parents=True, exist_ok=True)
+    texts = sorted((stdlib / "json").glob("*.py")) + sorted((stdlib / "email").glob("*.py"))
+    corpus.write_bytes(b"\n".join(p.read_bytes() for p in texts))
+    out = []
+    for i in range(trials):
+        try:
+            seen = lose_rank_0s_node(work / f"trial{i}", corpus)
+            local = seen["resume"]["path"].startswith(str(seen["local"]))
+            out.append({"lost": seen["killed_at"] - seen["resume"]["step"], "local": local,
+                        "k": LOCAL_INTERVAL})  # fmt: skip
+        except Exception as e:  # a trial that fails is reported, not hidden
+            out.append({"error": f"{type(e).__name__}: {str(e)[:300]}"})
+    return out

@@ -8,46 +8,12 @@ killing either agent leaves the rendezvous alive (with c10d's default the first 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import MAIN, REPO, TORCHRUN, free_port, metrics_rows, process_tree, tiny_args
-
-STORE = """
-import sys, time
-from datetime import timedelta
-import torch.distributed as dist
-store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), is_master=True, wait_for_workers=False,
-                      timeout=timedelta(seconds=300))
-print("ready", flush=True)
-time.sleep(600)
-"""
-
-
-def agent(args: list[str], port: int, log: Path) -> subprocess.Popen:
-    cmd = [
-        *TORCHRUN,
-        "--nnodes=1:2",
-        "--nproc_per_node=1",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{port}",
-        "--rdzv-id=replica-test",
-        "--rdzv-conf=is_host=false,join_timeout=60,last_call_timeout=2,close_timeout=5,"
-        "keep_alive_interval=1,keep_alive_max_attempt=3",
-        "--monitor-interval=0.2",
-        "--max-restarts=5",
-        MAIN,
-        *args,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "FTJOB_FAULT": "slow:ms=80:restart=any"}
-    with open(log, "w") as out:
-        return subprocess.Popen(cmd, env=env, cwd=REPO, start_new_session=True, stdout=out, stderr=out)
+from conftest import STORE, agent, free_port, kill_tree, metrics_rows, tiny_args, wait
 
 
 def train_rows(run_dir: Path) -> list[dict]:
@@ -61,19 +27,6 @@ def checkpoint_steps(run_dir: Path, tier: str = "checkpoints") -> list[int]:
     return (
         sorted(int(p.name[5:]) for p in root.glob("step_*") if p.name[5:].isdigit()) if root.exists() else []
     )
-
-
-def wait(condition, what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    for pid in process_tree(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 # With a node-local tier (every 3 steps; durable every 20) the survivor resumes from its own local

@@ -79,7 +79,7 @@ class Checkpointer:
             _warn_if_shared(self.run_dir, self.manager)
         self.run_id = agree_run_id(self.run_dir, env, keeps=self.layout.local_writes)
         self.meta["run_id"] = self.run_id
-        self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes, self.run_id)
+        self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes, self.run_id, self.FILES)
         # Always a background thread: with --ckpt.async false each save is waited for at once,
         # but in short shared waits (see the module docstring).
         self.writer = CheckpointWriter(self.manager, background=True)

@@ -118,9 +118,17 @@ def private_base() -> Path:
 
 
 class LocalTier:
-    def __init__(self, cfg: CkptConfig, run_dir: Path, writes: bool, rid: str | None = None):
+    def __init__(
+        self,
+        cfg: CkptConfig,
+        run_dir: Path,
+        writes: bool,
+        rid: str | None = None,
+        files: frozenset[str] | None = CKPT_FILES,
+    ):
         """``writes``: this rank writes (and reads) its node's checkpoints; ``rid``: the agreed run
-        id (agree_run_id; "": none, so no local tier; default: the run dir's own)."""
+        id (agree_run_id; "": none, so no local tier; default: the run dir's own); ``files``: what
+        each checkpoint holds (None: its manifest says, as a sharded run's)."""
         self.interval = cfg.local_interval
         self.manager: CheckpointManager | None = None
         self.writer: CheckpointWriter | None = None  # only where this rank writes
@@ -138,7 +146,7 @@ class LocalTier:
             return
         # Off now, but an earlier attempt's local checkpoints still count at resume.
         if root is not None and (self._writing or root.is_dir()):
-            self.manager = CheckpointManager(LocalStorage(root), keep=1, files=CKPT_FILES)
+            self.manager = CheckpointManager(LocalStorage(root), keep=1, files=files)
         self._writing = self._writing and self.manager is not None
         if self._writing:
             assert self.manager is not None

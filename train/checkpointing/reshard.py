@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,6 +219,31 @@ def _listed(manager: CheckpointManager, env: DistEnv, limit: Limit) -> list[tupl
     return [tuple(x) for x in said["found"]]
 
 
+# The node-local tier (local_shards.py): its manager, the steps the nodes can restore from it, and
+# the collective that completes one on every node for the rows its ranks read (-> "" or why not).
+Local = tuple[CheckpointManager, list[Any], Callable[[Any, Limit], str]]
+
+
+def needed_files(
+    manager: CheckpointManager, name: str, state: TrainState, model: dict[str, torch.Tensor]
+) -> list[str]:
+    """The files of sharded checkpoint ``name`` that hold rows this rank holds now (and its train
+    file); manifest.Problem if its manifest or train file cannot say."""
+    manifest = manager.manifest(name)
+    reader = fmt.ShardReader(manager.storage, name, manifest)
+    skeleton = reader.read_file(TRAIN_FILE)
+    targets = dict(model)
+    try:
+        targets.update(shards.optim_targets(state, skeleton["optim"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise mf.Problem(f"{TRAIN_FILE}: {str(e)[:200]}") from None
+    files = {TRAIN_FILE}
+    for key, t in targets.items():
+        first, end = shards.rows(t)
+        files.update(f for f, start, stop in reader.pieces.get(key, ()) if start < end and stop > first)
+    return sorted(files)
+
+
 def resume_sharded(
     manager: CheckpointManager,
     state: TrainState,
@@ -225,19 +251,28 @@ def resume_sharded(
     fingerprint: str,
     run_dir: Path,
     limit: Limit,
+    local: Local | None = None,
 ) -> Resumed | None:
-    """Collective: restore ``state`` from the newest checkpoint every rank can read its part of."""
+    """Collective: restore ``state`` from the newest checkpoint every rank can read its part of.
+    ``local``: the node-local tier (see Local)."""
     started = time.monotonic()
     model = {k: t for k, t in shards.split(state)[0].items() if k.startswith(fmt.MODEL)}
     skipped: list[str] = []
-    for name, reason, size in _listed(manager, env, limit):
-        where = manager.storage.location(name)
+    candidates = [(manager, name, reason, size, None) for name, reason, size in _listed(manager, env, limit)]
+    if local is not None:
+        candidates += [(local[0], copy.name, "", copy.size, copy) for copy in local[1]]
+    # Newest first; at one step the durable copy, which every rank reads where it is.
+    candidates.sort(key=lambda c: (mf.step_of(c[1]) or -1, c[4] is None), reverse=True)
+    for source, name, reason, size, copy in candidates:
+        where = source.storage.location(name)
+        if not reason and copy is not None and local is not None:
+            reason = local[2](copy, dataclasses.replace(limit, nbytes=size))
         if not reason:
             before = bytes_read()
 
-            def work(name: str = name) -> _Read:
+            def work(name: str = name, source: CheckpointManager = source) -> _Read:
                 try:
-                    return _Read(manager, name, state, fingerprint, model)
+                    return _Read(source, name, state, fingerprint, model)
                 except (mf.Problem, IncompatibleCheckpointError):
                     raise
                 except Exception as e:  # whatever bytes from elsewhere make the decoders raise
@@ -282,6 +317,7 @@ def resume_sharded(
                 )
         if env.rank == 0:
             log.warning("checkpoint %s is not usable (%s); trying the next older one", where, reason)
-            manager.record(name, reason)
+            if copy is None:
+                source.record(name, reason)
         skipped.append(name)
     return None

@@ -30,12 +30,13 @@ from typing import Any
 import torch
 
 from train import config, rng
-from train.checkpointing import replicas, shards, together
+from train.checkpointing import local_shards, replicas, ring, shards, together
 from train.checkpointing.boundary import Agreement
 from train.checkpointing.checkpointer import Checkpointer, Events
-from train.checkpointing.reshard import resume_sharded
+from train.checkpointing.reshard import needed_files, resume_sharded
 from train.checkpointing.resume import Resumed
 from train.checkpointing.snapshot import Stager, to_bytes
+from train.checkpointing.together import Limit
 from train.ckpt import hooks
 from train.ckpt import manifest as mf
 from train.ckpt import shards as fmt
@@ -60,11 +61,6 @@ class ShardedCheckpointer(Checkpointer):
         events: Events,
         mesh_shape: tuple[int, ...],
     ):
-        if cfg.ckpt.local_interval:
-            raise ConfigError(
-                f"--parallel.mode {cfg.parallel.mode} has no node-local tier yet (its replication "
-                "between nodes is not built); drop --ckpt.local-interval"
-            )
         self.replica, self.shard_index = divmod(env.rank, mesh_shape[-1])
         self.shard_count = mesh_shape[-1]
         super().__init__(cfg, env, state, fingerprint, events)
@@ -84,6 +80,13 @@ class ShardedCheckpointer(Checkpointer):
         # The attempt's part of every temporary directory's name: agreed now, so that a save's
         # ranks know where to write without asking anyone at the step (unguessable by others).
         self._token = comm.all_gather_bytes(uuid.uuid4().hex[:12].encode(), env.device)[0].decode()
+        # The node-local tier: each node its own ranks' shards and, past one node, its partner's.
+        self.ring = ring.Ring(env.world_size, env.local_world_size, self.shard_count)
+        self._ring_group = ring.group(env, cfg.dist.timeout_s) if cfg.ckpt.local_interval else None
+        self._local_step: int | None = None  # the node-local save in flight, not yet committed
+        self._local_pending: Any = None  # a node's first rank: that save's temporary directory
+        if self.local.writer is not None:
+            self.local.writer.commit = self._write_local
 
     # -- who writes ----------------------------------------------------------------------------------
     def _layout(self, where: Path, remote: bool) -> replicas.Layout:
@@ -94,14 +97,18 @@ class ShardedCheckpointer(Checkpointer):
                 "each node's own, and a node lost would take its shards with it; use a shared "
                 "filesystem"
             )
-        return replicas.Layout(writes=self.replica == 0, shared=True, local_writes=False)
+        return replicas.Layout(writes=self.replica == 0, shared=True, local_writes=True)
 
     # -- saving ----------------------------------------------------------------------------------------
     def _snapshot(self, step: int, writes: bool) -> Callable[[], Files] | None:
-        device = self.env.device
-        # The step's one collective: every rank's RNG streams (the train file keeps them all).
-        rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
         self._pending_step, self._pending_name = step, f"{TMP_PREFIX}{mf.name_for(step)}-{self._token}"
+        return self._rows_snapshot(writes, self.env.rank == 0)
+
+    def _rows_snapshot(self, writes: bool, train: bool) -> Callable[[], Files] | None:
+        """Collective: this rank's rows to copy out (and the train file where ``train``)."""
+        device = self.env.device
+        # The save's one collective: every rank's RNG streams (the train file keeps them all).
+        rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
         if not writes:
             return None
         tensors, skeleton = shards.split(self.state)
@@ -123,7 +130,7 @@ class ShardedCheckpointer(Checkpointer):
         now = self.stager.stage({k: t for k, t in mine.items() if not shards.is_split(tensors[k])}, "now")
         later = {k: t for k, t in mine.items() if k not in now}
         small = None
-        if self.env.rank == 0:
+        if train:
             small = {**self.state.train_state(), "optim": skeleton}
             small["rng"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states]
             small = self.stager.stage(small, "train")  # small: copied now
@@ -171,6 +178,8 @@ class ShardedCheckpointer(Checkpointer):
         # Rank 0's commit failed: one more agreement, so that its policy counts it now, with every rank.
         if self._pending_step is not None and not agreed.saving and not self._commit():
             agreed = super()._agree(Agreement(), None, final)[1]
+        if self._local_step is not None and not agreed.saving_local:
+            self._commit_local()
         return mean_loss, agreed
 
     def _commit(self) -> bool:
@@ -231,15 +240,131 @@ class ShardedCheckpointer(Checkpointer):
         )
         return ""
 
+    # -- the node-local tier ----------------------------------------------------------------------
+    def _save_local(self, step: int) -> None:
+        """Collective: every rank that writes on its node copies its rows out; its writer thread
+        sends them to the partner node's rank and keeps what its own partner sends (ring.py)."""
+        writer, writes = self.local.writer, self.ring.writes(self.env.rank)
+        copy = self._rows_snapshot(writes, self.env.local_rank == 0)
+        if writer is None or copy is None:
+            return
+        self._local_step = step
+        self._local_bytes = self.state.nbytes() // max(1, self.shard_count)
+        writer.save(step, lambda: copy, self.meta, None, self._save_limit_s(self.state.nbytes()))
+        if not self.cfg.async_save:
+            self._settle()
+        self.events("checkpoint", step=step, stall_s=writer.stall_s, tier="local")
+
+    def _write_local(self, step: int, files: Files, meta: dict[str, Any]) -> dict[str, Any]:
+        """On the writer thread: this rank's shard (and its node's train file) into the node's
+        temporary directory, and the partner's shard beside them. The exchange with the partners
+        runs whatever failed here before it (they must not wait for a rank that gave up)."""
+        hooks.context(save_step=step)
+        storage = self.local.manager.storage
+        name, rank = mf.name_for(step), self.env.rank
+        tmp = f"{TMP_PREFIX}{name}-{self._token}"
+        target, outgoing, error = None, None, None
+        try:
+            self.local.before_save(self._local_bytes)
+            if self.env.local_rank == 0:
+                self._local_pending = storage.begin(name, tmp)
+            target = storage.join(tmp)
+            outgoing = {f: fmt.encoded(f, obj) for f, obj in files.items()}
+        except OSError as e:
+            error = e
+        try:
+            mine = fmt.shard_file(self.shard_index, self.shard_count)
+            received = None
+            if self._ring_group is not None:
+                sent = (mine, *outgoing[mine]) if outgoing else None
+                dst, src = self.ring.sends_to(rank), self.ring.receives_from(rank)
+                received = ring.exchange(self._ring_group, dst, sent, src, target)
+            if error is not None:
+                raise error
+            assert target is not None and outgoing is not None
+            for file, (entry, pieces) in outgoing.items():
+                target.write(file, pieces)
+                fmt.read_back(target, file, entry)
+            entries = {file: entry for file, (entry, _) in outgoing.items()}
+            return {"entries": entries, "rows": self._rows, "received": received[0] if received else None}
+        finally:
+            if target is not None:
+                target.close()
+
+    def _commit_local(self) -> None:
+        """Collective: every node's first rank commits its node's copy, or none does."""
+        step, self._local_step = self._local_step, None
+        wrote = self.local.writer.result if self.local.writer is not None else None
+        said = {"error": "not written"} if wrote is None and self.ring.writes(self.env.rank) else wrote or {}
+        parts = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(said).encode(), self.env.device)]
+        pending, self._local_pending = self._local_pending, None
+        leader = self.env.local_rank == 0 and self.local.manager is not None
+        work = (lambda: self._finish_local(step, pending, parts)) if leader else None
+        if together.run(work, self._limit, f"committing the node-local checkpoint of step {step}"):
+            self.local.failed(OSError(f"node-local checkpoint of step {step} not committed"))
+
+    def _finish_local(self, step: int, pending: Any, parts: list[dict]) -> bool:
+        """A node's first rank: its node's manifest (every file of the save, whichever node holds
+        it) and the rename, then only this one kept. True if it could not commit."""
+        storage = self.local.manager.storage
+        failed = [r for r, p in enumerate(parts) if "error" in p]
+        mine = {
+            f
+            for r, p in enumerate(parts)
+            if self.ring.node_of(r) == self.ring.node_of(self.env.rank)
+            for f in [*p.get("entries", {}), *([p["received"]] if p.get("received") else [])]
+        }
+        if failed or pending is None or TRAIN_FILE not in mine:
+            (pending or _Debris(storage.root / f"{TMP_PREFIX}{mf.name_for(step)}-{self._token}")).abort()
+            if failed and self.env.rank == 0:
+                log.warning("node-local checkpoint of step %d not committed: rank %d failed", step, failed[0])
+            return bool(failed) or pending is None
+        node_parts = [
+            p for r, p in enumerate(parts) if self.ring.node_of(r) == self.ring.node_of(self.env.rank)
+        ]
+        entries = {f: e for p in parts for f, e in p.get("entries", {}).items() if f != TRAIN_FILE}
+        entries[TRAIN_FILE] = next(
+            p["entries"][TRAIN_FILE] for p in node_parts if TRAIN_FILE in p.get("entries", {})
+        )
+        pieces = {
+            f: {k: tuple(r) for k, r in p["rows"].items()}
+            for p in parts
+            for f in p.get("entries", {})
+            if f != TRAIN_FILE
+        }
+        try:
+            raw = mf.build_from(
+                step, entries, {**self.meta, fmt.LAYOUT: fmt.layout(pieces, self._shapes)}, compact=True
+            )
+            fmt.check(mf.parse(raw, step))
+            pending.write(mf.MANIFEST, raw)
+            pending.commit()
+            for older in storage.names():
+                if older != pending.name:
+                    storage.delete(older)
+        except (OSError, mf.Problem) as e:
+            pending.abort()
+            log.warning("node-local checkpoint of step %d not committed: %s", step, e)
+            return True
+        return False
+
     # -- resuming --------------------------------------------------------------------------------------
     def resume(self) -> Resumed | None:
+        limit, local, manager = self._load_limit(), None, self.local.manager
+        if self.cfg.local_interval and self.run_id:  # the same on every rank: listed() is collective
+            copies = local_shards.listed(manager, self.env, self.run_id, limit)
+            model = {k: t for k, t in shards.split(self.state)[0].items() if k.startswith(fmt.MODEL)}
+
+            def complete(copy: local_shards.LocalCopy, limit: Limit) -> str:
+                assert manager is not None  # listed() names no copy unless every rank has one
+                needs = lambda name: needed_files(manager, name, self.state, model)  # noqa: E731
+                return local_shards.complete(
+                    copy, manager, self.env, self._ring_group, self._token, limit, needs
+                )
+
+            local = (manager, copies, complete)
         return resume_sharded(
-            self.manager,
-            self.state,
-            self.env,
-            self.fingerprint,
-            self.run_dir,
-            self._load_limit(),
+            self.manager, self.state, self.env, self.fingerprint, self.run_dir, limit, local
         )
 
 

@@ -9,6 +9,7 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 from train.ckpt import hooks
@@ -94,14 +95,16 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)  # a link or a stray file: the link itself, never its target
 
 
-def write_file(dir_fd: int, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
+def write_file(
+    dir_fd: int, file: str, data: bytes | memoryview | list[bytes | memoryview] | Iterable[bytes | memoryview]
+) -> None:
     """A new file in the directory ``dir_fd``, durable when this returns (never through a link)."""
 
     def opener(path: str, flags: int) -> int:
         return os.open(path, flags | os.O_NOFOLLOW, 0o666, dir_fd=dir_fd)
 
     with open(plain(file), "wb", opener=opener) as f:
-        for piece in data if isinstance(data, list) else [data]:
+        for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
             f.write(piece)
         f.flush()
         hooks.point("ckpt.file_written")
@@ -129,6 +132,10 @@ class JoinedWrite:
 
     def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None:
         write_file(self._fd, file, data)
+
+    def write_stream(self, file: str, chunks: Iterable[bytes | memoryview]) -> None:
+        """A new file of ``chunks`` as they come (a file from another node), durable on return."""
+        write_file(self._fd, file, chunks)
 
     def open(self, file: str) -> int:
         """A read-only fd of a file written here (to read it back)."""

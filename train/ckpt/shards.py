@@ -69,7 +69,7 @@ def _blocks(pieces: codec.Pieces) -> Iterator[memoryview]:
             view, at = view[n:], at + n
 
 
-def _entry(pieces: codec.Pieces) -> dict[str, Any]:
+def entry_of(pieces: codec.Pieces) -> dict[str, Any]:
     whole, blocks, block, filled = xxhash.xxh3_64(), [], xxhash.xxh3_64(), 0
     for part in _blocks(pieces):
         whole.update(part)
@@ -84,21 +84,34 @@ def _entry(pieces: codec.Pieces) -> dict[str, Any]:
     return {"size": size, "xxh3_64": whole.hexdigest(), "blocks": blocks}
 
 
+def encoded(file: str, tensors: dict[str, Any]) -> tuple[dict[str, Any], codec.Pieces]:
+    """A file's manifest entry and its bytes (views of ``tensors``, not copies)."""
+    pieces = codec.encode(file, tensors)
+    return entry_of(pieces), pieces
+
+
 def write_shard(target: JoinedWrite, file: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write ``tensors`` as ``file`` (durable), read it back, and return its manifest entry;
     OSError if what reads back is not what was written."""
     pieces = codec.encode(file, tensors)
-    entry = _entry(pieces)
+    entry = entry_of(pieces)
     target.write(file, pieces)
+    read_back(target, file, entry)
+    return entry
+
+
+def read_back(target: JoinedWrite, file: str, entry: dict[str, Any]) -> None:
+    """OSError unless ``file`` as written reads back block for block as ``entry`` says."""
     fd = target.open(file)
     try:
+        if os.fstat(fd).st_size != entry["size"]:
+            raise OSError(f"{file}: {os.fstat(fd).st_size} bytes written, {entry['size']} meant")
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             for i, expected in enumerate(entry["blocks"]):
                 if xxhash.xxh3_64_hexdigest(f.read(BLOCK_BYTES)) != expected:
                     raise OSError(f"{file}: block {i} did not read back as written")
     finally:
         os.close(fd)
-    return entry
 
 
 def layout(
@@ -127,18 +140,32 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def entry_problem(entry: object, file: object) -> str:
+    """ "" if ``entry`` is a well-formed entry of a plain file name ``file`` (untrusted: from
+    another node), with one block checksum per BLOCK_BYTES; else what is wrong."""
+    if not (file == mf.MANIFEST or mf.plain_file_name(file)):
+        return f"{str(file)[:60]!r} is not a plain file name"
+    blocks = entry.get("blocks") if isinstance(entry, dict) else None
+    size = entry.get("size") if isinstance(entry, dict) else None
+    if not (
+        _is_int(size)
+        and size >= 0
+        and isinstance(blocks, list)
+        and len(blocks) == max(1, -(-size // BLOCK_BYTES))
+        and all(isinstance(b, str) for b in blocks)
+    ):
+        return f"{file}: its block checksums do not match its size"
+    return ""
+
+
 def check_blocks(manifest: dict, file: str) -> None:
     """manifest.Problem unless ``file``'s entry has one block checksum per BLOCK_BYTES of it."""
     entry = manifest["files"].get(file)
     if entry is None:
         raise mf.Problem(f"it holds no {file}")
-    blocks = entry.get("blocks")
-    if not (
-        isinstance(blocks, list)
-        and len(blocks) == max(1, -(-entry["size"] // BLOCK_BYTES))
-        and all(isinstance(b, str) for b in blocks)
-    ):
-        raise mf.Problem(f"{file}: its block checksums do not match its size")
+    problem = entry_problem(entry, file)
+    if problem:
+        raise mf.Problem(problem)
 
 
 def check(manifest: dict) -> dict[str, list[tuple[str, int, int]]]:
