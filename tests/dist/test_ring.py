@@ -33,8 +33,8 @@ def test_each_node_keeps_its_partners_shards_only_where_it_lacks_them() -> None:
     assert [narrow.sends_to(r) for r in range(4)] == [None] * 4
 
 
-def _copy(name: str, held: list[str], files: list[str]) -> dict:
-    return {"name": name, "files": files, "held": held, "size": 100}
+def _copy(name: str, held: list[str], files: list[str], save: str = "a") -> dict:
+    return {"name": name, "save": save, "files": files, "held": held, "size": 100}
 
 
 def test_a_step_is_restorable_only_while_the_nodes_together_hold_every_file() -> None:
@@ -46,9 +46,13 @@ def test_a_step_is_restorable_only_while_the_nodes_together_hold_every_file() ->
     copies = local_shards.plan(found)
     assert [c.name for c in copies] == ["step_00000009"]  # step 6: s1, s2 and train are gone
     assert local_shards.plan({0: [_copy("step_00000003", ["s0"], files)]}) == []
+    # Two saves of one step (two attempts) never make one copy; what is malformed is dropped.
+    split = {0: [_copy("step_00000009", ["s0", "s1"], files, "a")], 2: [_copy("step_00000009", ["s2", "train"], files, "b")]}
+    bad = [{"name": "../x", "save": "a", "files": [], "held": [], "size": 1}, "junk", _copy("step_00000004", [], ["../s"])]
+    assert local_shards.plan(split) == [] and local_shards.plan({0: bad}) == []
     # First the manifest and train file to the node lacking the step, then what each node reads.
     first = local_shards.transfers(copies[0], {r: {"manifest.json", "train"} for r in (0, 1, 2)})
-    assert first == [("manifest.json", 0, 1), ("train", 0, 1)]
+    assert first == [("manifest.json", 0, 1), ("train", 2, 1)]  # from both holders, not one
     then = local_shards.transfers(copies[0], {0: {"s0", "train"}, 1: {"s1", "train"}, 2: {"s2", "train"}})
     assert then == [("s1", 2, 1), ("train", 0, 1)]  # node 1 holds nothing in this copy's lists
     copies[0].holders[1] = ["manifest.json", "train"]  # as complete() records the first moves
@@ -67,10 +71,20 @@ def _transfer_worker(env, root: str) -> dict:
     entry = fmt.entry_of(pieces)
     into = storage.join(".tmp-exchange")
     other = 1 - env.rank
-    got = ring.exchange(pg, other, (f"shard-{env.rank}", entry, pieces), other, into)
+    got = ring.exchange(pg, other, (f"shard-{env.rank}", entry, pieces), other, f"shard-{other}", into)
     into.close()
     sent = b"".join(pieces)
     received = (mine / ".tmp-exchange" / f"shard-{other}").read_bytes()
+    # Rank 0 sends a file under a name rank 1 does not expect; rank 1 has nothing to send: each
+    # receiver refuses (OSError), and both exchanges run to their end (no rank left waiting).
+    into = storage.join(".tmp-refused")
+    outgoing = ("../evil", entry, pieces) if env.rank == 0 else None
+    try:
+        ring.exchange(pg, other, outgoing, other, f"shard-{other}", into)
+        refused = ""
+    except OSError as e:
+        refused = str(e)
+    into.close()
     # A node lacking a step receives it whole; then a file the sender cannot have fails its receiver.
     manager = CheckpointManager(storage, keep=2)
     files = {"a.bin": os.urandom(3 * ring.CHUNK // 2), "b.bin": b"b"}
@@ -94,13 +108,16 @@ def _transfer_worker(env, root: str) -> dict:
             problem = str(e)
         landed = {f: (mine / "step_00000005" / f).read_bytes() for f in files if (mine / "step_00000005" / f).exists()}
         outcome.append((problem, landed if env.rank else files, sorted(landed)))
-    return {"got": got[0] if got else None, "sent": sent, "received": received, "outcome": outcome}
+    return {"got": got[0] if got else None, "sent": sent, "received": received, "outcome": outcome,
+            "refused": refused, "left": sorted(p.name for p in (mine / ".tmp-refused").iterdir())}  # fmt: skip
 
 
 def test_files_cross_between_nodes_whole_and_a_missing_one_fails_only_its_receiver(tmp_path: Path) -> None:
     (zero, _), (one, _) = run_group(_transfer_worker, str(tmp_path))
     assert zero["got"] == "shard-1" and one["got"] == "shard-0"
     assert zero["received"] == one["sent"] and one["received"] == zero["sent"]
+    assert "had nothing to send" in zero["refused"] and "not 'shard-0'" in one["refused"]
+    assert zero["left"] == one["left"] == []
     # A node lacking the step receives all of it, the sender's bytes.
     assert one["outcome"][0] == ("", zero["outcome"][0][1], ["a.bin", "b.bin"])
     (sender, _, _), (receiver, _, kept) = zero["outcome"][1], one["outcome"][1]

@@ -217,3 +217,36 @@ def test_a_bad_start_is_one_line_and_quick(
     assert "Traceback" not in result.stderr
     assert "process group up" not in result.stderr  # refused before any rendezvous
     assert s3_env["AWS_SECRET_ACCESS_KEY"] not in result.stderr
+
+
+def test_a_sharded_run_saves_to_and_resumes_from_a_bucket_bit_exact(
+    reference_run, corpus: Path, tmp_path: Path, s3_env: dict
+) -> None:
+    """fsdp on 2 ranks, --ckpt.dir in the bucket: each rank uploads its own shard (no gather to
+    rank 0); SIGKILLed after step 25, then inside the save of step 30 after a shard is uploaded:
+    resumed from step 20 twice, bit-exact against the uninterrupted run on local disk; the
+    re-saved step 30 holds only its manifest's files (the killed save's upload is gone), and the
+    checkpoint exports the same weights as the reference's."""
+    url = f"s3://{s3_env['BUCKET']}/fsdp"
+    ref = reference_run(max_steps=STEPS, parallel__mode="fsdp")
+    run_dir = tmp_path / "run"
+    args = s3_args(run_dir, corpus, url, ckpt__async=False, parallel__mode="fsdp")
+    faults = "crash:step=25:rank=1;kill:point=ckpt.file_written:save_step=30:restart=1"
+    result = run_torchrun(args, max_restarts=2, env={"FTJOB_FAULT": faults})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f"resumed from step 20 ({url}/step_00000020)") == 4  # 2 ranks, twice
+    assert train_losses(run_dir) == train_losses(ref)
+    store = FsspecStorage(url, stale_s=0)
+    assert store.names() == ["step_00000020", "step_00000030", "step_00000040"]
+    for name, files in store._objects().items():
+        listed = json.loads(bytes(store.read(name, "manifest.json")))["files"]
+        assert set(files) == {*listed, "manifest.json"}, (name, sorted(files))
+        assert sum(f.startswith("shard-") for f in files) == 2
+    exported = []
+    for source in (url, str(ref)):
+        out = tmp_path / f"{len(exported)}.safetensors"
+        done = subprocess.run([sys.executable, "-m", "train.ckpt", "export", source, "--out", str(out)],
+                              cwd=REPO, capture_output=True, text=True, env=os.environ)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        exported.append(out.read_bytes())
+    assert exported[0] == exported[1]

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +30,14 @@ from train.ckpt import manifest as mf
 from train.ckpt import shards as fmt
 from train.ckpt.fs import fsync_path
 from train.ckpt.manager import CheckpointManager
-from train.ckpt.storage import TMP_PREFIX
+from train.ckpt.storage import TMP_PREFIX, Unreadable
+from train.errors import StorageError
 from train.runtime import comm
 from train.runtime.dist import DistEnv
 from train.state import TRAIN_FILE
 
 log = logging.getLogger("train")
+TRANSPORT = "transfer between nodes failed: "
 
 
 @dataclass
@@ -53,31 +56,49 @@ def inventory(manager: CheckpointManager, run_id: str) -> list[dict[str, Any]]:
     for name in storage.names():
         try:
             manifest = manager.manifest(name)
-        except (mf.Problem, OSError):
+        except (mf.Problem, OSError, Unreadable):
             continue
         if manifest.get("run_id") != run_id or not fmt.is_sharded(manifest):
             continue
         files = manifest["files"]
         held = []
         for file, entry in files.items():
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, Unreadable):
                 if storage.size(name, file) == entry["size"]:
                     held.append(file)
         size = sum(e["size"] for e in files.values())
-        out.append({"name": name, "files": sorted(files), "held": sorted(held), "size": size})
+        save = str(manifest.get("save", ""))
+        out.append({"name": name, "save": save, "files": sorted(files), "held": sorted(held), "size": size})
     return out
+
+
+def _well_formed(copy: object) -> bool:
+    """Whether an inventory entry (from another rank: untrusted) is one plan() can use."""
+    if not isinstance(copy, dict):
+        return False
+    name, files, held, size = (copy.get(k) for k in ("name", "files", "held", "size"))
+    return (
+        isinstance(name, str)
+        and mf.step_of(name) is not None
+        and isinstance(copy.get("save"), str)
+        and isinstance(size, int)
+        and size >= 0
+        and all(isinstance(x, list) and all(map(mf.plain_file_name, x)) for x in (files, held))
+    )
 
 
 def plan(found: dict[int, list[dict[str, Any]]]) -> list[LocalCopy]:
     """Pure: ``found`` ({a node's first rank: its inventory}) -> the steps the nodes together can
-    restore (every file of the step held by some node), newest first."""
-    by_name: dict[str, dict[int, dict[str, Any]]] = {}
+    restore (every file of one save of the step held by some node), newest first. Copies of one
+    step by two saves (attempts) never mix."""
+    by_save: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
     for leader, copies in found.items():
-        for copy in copies:
-            by_name.setdefault(copy["name"], {})[leader] = copy
+        for copy in copies if isinstance(copies, list) else ():
+            if _well_formed(copy):
+                by_save.setdefault((copy["name"], copy["save"]), {})[leader] = copy
     usable = []
-    for name in sorted(by_name, key=lambda n: mf.step_of(n) or -1, reverse=True):
-        holders = by_name[name]
+    for name, save in sorted(by_save, key=lambda k: (mf.step_of(k[0]) or -1, k[1]), reverse=True):
+        holders = by_save[name, save]
         first = holders[min(holders)]
         if set(first["files"]) <= {f for copy in holders.values() for f in copy["held"]}:
             usable.append(LocalCopy(name, first["size"], {r: c["held"] for r, c in holders.items()}))
@@ -86,20 +107,21 @@ def plan(found: dict[int, list[dict[str, Any]]]) -> list[LocalCopy]:
 
 def transfers(copy: LocalCopy, needs: dict[int, set[str]]) -> list[tuple[str, int, int]]:
     """Pure: (file, from rank, to rank) that give each node's first rank the files its node needs
-    (``needs``; the manifest comes with the step: a node holding the step has it), each from the
-    first node that holds it; one order every rank computes alike."""
-    out = []
+    (``needs``; the manifest comes with the step: a node holding the step has it). Each file comes
+    from the holder with the fewest moves so far (no one node sends everything), and the moves are
+    ordered in rounds - every receiver's first, then every receiver's second... - so that pairs
+    without a rank in common run at once; one order every rank computes alike."""
+    load = dict.fromkeys(copy.holders, 0)
+    out: list[tuple[int, int, str, int]] = []  # (round, to, file, from)
     for leader in sorted(needs):
         has = set(copy.holders.get(leader, ())) | ({mf.MANIFEST} if leader in copy.holders else set())
-        for file in sorted(needs[leader] - has):
-            src = (
-                min(copy.holders)
-                if file == mf.MANIFEST
-                else min((h for h, held in copy.holders.items() if file in held), default=None)
-            )
-            if src is not None:
-                out.append((file, src, leader))
-    return out
+        for turn, file in enumerate(sorted(needs[leader] - has)):
+            holders = [h for h, held in copy.holders.items() if file == mf.MANIFEST or file in held]
+            if holders:
+                src = min(holders, key=lambda h: (load[h], h))
+                load[src] += 1
+                out.append((turn, leader, file, src))
+    return [(file, src, dst) for _, dst, file, src in sorted(out)]
 
 
 def listed(manager: CheckpointManager | None, env: DistEnv, run_id: str, limit: Limit) -> list[LocalCopy]:
@@ -109,7 +131,7 @@ def listed(manager: CheckpointManager | None, env: DistEnv, run_id: str, limit: 
     def look() -> str:
         try:
             return json.dumps(inventory(manager, run_id))  # type: ignore[arg-type]
-        except OSError:
+        except (OSError, Unreadable):
             return ""  # this node's copies cannot be listed: they do not count
 
     mine = together.run(look if leader else None, limit, "listing node-local checkpoints") or ""
@@ -161,8 +183,12 @@ def _everywhere(work: Callable[[], object], env: DistEnv, limit: Limit, name: st
     try:
         together.run(work, limit, f"completing node-local checkpoint {name}")
         reason = ""
+    except StorageError:
+        raise  # past its limit: the attempt ends, as for any read at resume
     except (OSError, mf.Problem) as e:
         reason = str(e) or type(e).__name__
+    except Exception as e:  # the transport's own (gloo): no further transfer is to be trusted
+        reason = f"{TRANSPORT}{type(e).__name__}: {str(e).strip()[:300]}"
     problems = comm.all_gather_bytes(reason.encode(), env.device)
     return next((f"rank {r}: {p.decode()}" for r, p in enumerate(problems) if p), "")
 
@@ -182,22 +208,25 @@ def fetch(
     if not mine:
         return
     assert pg is not None, "transfers between nodes without the ring's group"
-    storage, errors = manager.storage, []
+    storage, errors, into = manager.storage, [], None
     tmp = f"{TMP_PREFIX}{name}-fetch-{token}"
-    into = storage.join(tmp) if any(dst == env.rank for _, _, dst in mine) else None
+    try:
+        if any(dst == env.rank for _, _, dst in mine):
+            into = storage.join(tmp)
+    except OSError as e:  # still takes what is sent to it, and drops it: no sender waits
+        errors.append(e)
     try:
         for file, src, dst in mine:
             try:
                 if src == env.rank:
                     try:
                         entry = _entry(manager, name, file)
-                    except (OSError, mf.Problem) as e:
+                    except (OSError, Unreadable, mf.Problem) as e:
                         entry = None
                         errors.append(OSError(str(e)))
                     ring.send_file(pg, dst, storage.root / name / file, entry)
                 else:
-                    assert into is not None
-                    ring.receive_file(pg, src, into)
+                    ring.receive_file(pg, src, into, file)
             except OSError as e:
                 errors.append(e)
     finally:
@@ -220,9 +249,12 @@ def _entry(manager: CheckpointManager, name: str, file: str) -> dict[str, Any]:
 
 
 def _put_in_place(root: os.PathLike, tmp: str, name: str) -> None:
-    """Files received for ``name``: the whole copy if the node had none (it holds the manifest),
-    else beside the node's own files."""
+    """Files received for ``name``: beside the node's own files of the same save, or the whole
+    copy where the node had none of that save (the manifest came with them: a directory of that
+    name there holds another save's files, never to be mixed with these)."""
     source, target = os.path.join(root, tmp), os.path.join(root, name)
+    if os.path.isdir(target) and os.path.exists(os.path.join(source, mf.MANIFEST)):
+        shutil.rmtree(target)
     if not os.path.isdir(target):
         os.rename(source, target)
     else:

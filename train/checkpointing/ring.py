@@ -26,6 +26,7 @@ from train.ckpt.fs import JoinedWrite
 from train.runtime.dist import DistEnv
 
 CHUNK = 16 << 20
+HEADER_LIMIT = 1 << 20  # a file's name and manifest entry (a block checksum per 4 MiB: ~1 TB files)
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,24 @@ def _chunks(pieces: codec.Pieces) -> Iterator[torch.Tensor]:
 
 
 def _header(head: dict[str, Any], dst: int | None, src: int | None, pg: dist.ProcessGroup) -> dict:
-    """Send ``head`` to ``dst`` while receiving ``src``'s (either may be None)."""
+    """Send ``head`` to ``dst`` while receiving ``src``'s (either may be None). What arrives is
+    untrusted: {"error": ...} unless it is a JSON map of at most HEADER_LIMIT bytes."""
     raw = json.dumps(head).encode()
     out_len, in_len = torch.tensor([len(raw)]), torch.zeros(1, dtype=torch.long)
     _both(out_len if dst is not None else None, dst, in_len if src is not None else None, src, pg)
-    got = torch.empty(int(in_len.item()) if src is not None else 0, dtype=torch.uint8)
+    length = int(in_len.item()) if src is not None else 0
+    if not 0 <= length <= HEADER_LIMIT:
+        raise OSError(f"rank {src} sent a header of {length} bytes")  # a peer speaking another protocol
+    got = torch.empty(length, dtype=torch.uint8)
     out = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if dst is not None else None
     _both(out, dst, got if src is not None else None, src, pg)
-    return json.loads(bytes(got.numpy())) if src is not None else {}
+    if src is None:
+        return {}
+    try:
+        said = json.loads(bytes(got.numpy()))
+    except ValueError:
+        said = None
+    return said if isinstance(said, dict) else {"error": "a malformed header"}
 
 
 def _both(out: torch.Tensor | None, dst: int | None, into: torch.Tensor | None, src: int | None, pg) -> None:
@@ -110,90 +121,123 @@ def _both(out: torch.Tensor | None, dst: int | None, into: torch.Tensor | None, 
         work.wait()
 
 
+def _size(head: dict) -> int:
+    """The bytes a sender said it sends after its header (what a receiver must take, whatever it
+    then makes of them: a rank that stops taking leaves its sender waiting)."""
+    size = head.get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else 0
+
+
+def _problem(head: dict, expect: str) -> str:
+    """ "" if ``head`` announces file ``expect`` with a well-formed entry of its stated size."""
+    if head.get("error"):
+        return str(head["error"])[:300]
+    if head.get("file") != expect:
+        return f"it sent {str(head.get('file'))[:60]!r}, not {expect!r}"
+    problem = fmt.entry_problem(head.get("entry"), expect)
+    if not problem and head["entry"]["size"] != _size(head):
+        problem = f"{expect}: {_size(head)} bytes sent, its entry says {head['entry']['size']}"
+    return problem
+
+
+def _take(chunks: Iterator[memoryview], into: JoinedWrite | None, head: dict, expect: str, src: int) -> tuple:
+    """Write what arrives as ``expect`` (new, never over a file there), check it against its entry;
+    every chunk is taken whatever fails. OSError if the file is not the one expected, whole."""
+    try:
+        problem = _problem(head, expect)
+        if problem:
+            raise OSError(f"rank {src} sent no usable {expect} ({problem})")
+        if into is None:
+            raise OSError(f"{expect}: this rank has nowhere to write it")
+        into.write_stream(expect, chunks)
+    finally:
+        for _ in chunks:  # the sender sends its file to its end
+            pass
+    fmt.read_back(into, expect, head["entry"])  # type: ignore[arg-type]
+    return expect, head["entry"]
+
+
+def _received(
+    buf: torch.Tensor, size: int, src: int, pg, send: Iterator | None = None, dst=None, sends: int = 0
+):
+    """Chunks of ``size`` bytes from ``src`` as they land, sending ``sends`` chunks of ``send`` to
+    ``dst`` beside them (a ring: both at once)."""
+    for i in range(max(-(-size // CHUNK), sends)):
+        piece = buf[: min(CHUNK, size - i * CHUNK)] if i * CHUNK < size else None
+        out = next(send) if send is not None and i < sends else None
+        _both(out, dst, piece, src if piece is not None else None, pg)
+        if piece is not None:
+            yield memoryview(piece.numpy())
+
+
 def exchange(
     pg: dist.ProcessGroup,
     dst: int | None,
     outgoing: tuple[str, dict[str, Any], codec.Pieces] | None,
     src: int | None,
+    expect: str | None,
     into: JoinedWrite | None,
 ) -> tuple[str, dict[str, Any]] | None:
     """Send ``outgoing`` (file, its entry, its bytes; None: this rank has nothing, and its receiver
-    is told so) to ``dst`` while receiving ``src``'s file into ``into``. Returns the file received
-    and its entry; OSError if the sender had nothing or the file is not what its entry says."""
-    head = {"file": outgoing[0], "entry": outgoing[1]} if outgoing else {"error": "nothing to send"}
-    got = _header(head, dst, src, pg)
+    is told so) to ``dst`` while receiving ``src``'s file ``expect`` into ``into``. Returns the file
+    received and its entry; OSError if the sender had nothing or the file is not what it should be."""
     sending = outgoing is not None and dst is not None
-    send = _chunks(outgoing[2]) if outgoing is not None and sending else iter(())
-    problem = ""
-    if src is not None:
-        problem = got.get("error") or fmt.entry_problem(got.get("entry"), got.get("file"))
-    size = int(got["entry"]["size"]) if src is not None and not problem else 0
-    buf = torch.empty(min(size, CHUNK), dtype=torch.uint8)
-    counts = (
-        -(-int(outgoing[1]["size"]) // CHUNK) if outgoing is not None and sending else 0,
-        -(-size // CHUNK),
+    head = (
+        {"file": outgoing[0], "entry": outgoing[1], "size": outgoing[1]["size"]}
+        if outgoing is not None
+        else {"error": "it had nothing to send"}
     )
-
-    def received() -> Iterator[memoryview]:
-        for i in range(max(counts)):
-            piece = buf[: min(CHUNK, size - i * CHUNK)] if i < counts[1] else None
-            out = next(send) if i < counts[0] else None
-            _both(out, dst, piece, src if piece is not None else None, pg)
-            if piece is not None:
-                yield memoryview(piece.numpy())
-
-    chunks = received()
-    try:
-        if src is None or into is None or problem:
-            return None
-        into.write_stream(got["file"], chunks)
-        fmt.read_back(into, got["file"], got["entry"])
-        return got["file"], got["entry"]
-    finally:
-        for _ in chunks:  # whatever failed here, the partners' transfers run to their end
+    got = _header(head, dst, src, pg)
+    sends = -(-int(outgoing[1]["size"]) // CHUNK) if sending and outgoing is not None else 0
+    send = _chunks(outgoing[2]) if sending and outgoing is not None else None
+    size = _size(got) if src is not None else 0
+    chunks = _received(torch.empty(min(size, CHUNK), dtype=torch.uint8), size, src, pg, send, dst, sends)
+    if src is None or expect is None:
+        for _ in chunks:
             pass
-        if problem:
-            raise OSError(f"rank {src} sent no shard for this node to keep ({problem})")
+        return None
+    return _take(chunks, into, got, expect, src)
 
 
 def send_file(pg: dist.ProcessGroup, dst: int, path: os.PathLike, entry: dict[str, Any] | None) -> None:
-    """Resume: a file of this node's copy to ``dst``, read a chunk at a time (``entry`` None: the
-    file cannot be had here, and ``dst`` is told so)."""
+    """Resume: a file of this node's copy to ``dst``, a chunk at a time (``entry`` None: the file
+    cannot be had here, and ``dst`` is told so). A read that fails half-way still sends every
+    chunk announced (zeros: the receiver's check fails), then raises."""
     try:
         if entry is None:
             raise OSError(f"{os.path.basename(path)}: no entry for it")
         f = open(path, "rb", buffering=0)  # noqa: SIM115 (closed below, after the header)
+        size = os.fstat(f.fileno()).st_size
     except OSError as e:
         _header({"error": str(e)}, dst, None, pg)
         raise
+    failed: OSError | None = None
     with f:
-        size = os.fstat(f.fileno()).st_size
         _header({"file": os.path.basename(path), "entry": entry, "size": size}, dst, None, pg)
-        while chunk := f.read(CHUNK):
-            _both(torch.frombuffer(bytearray(chunk), dtype=torch.uint8), dst, None, None, pg)
-
-
-def receive_file(pg: dist.ProcessGroup, src: int, into: JoinedWrite) -> tuple[str, dict[str, Any]]:
-    """Resume: a file from ``src`` into ``into``, checked against the entry it came with."""
-    got = _header({}, None, src, pg)
-    problem = got.get("error") or fmt.entry_problem(got.get("entry"), got.get("file"))
-    sent = got.get("size")
-    size = sent if isinstance(sent, int) and not isinstance(sent, bool) and sent >= 0 else 0
-    buf = torch.empty(CHUNK, dtype=torch.uint8)
-
-    def received() -> Iterator[memoryview]:
+        buf = torch.zeros(CHUNK, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
         for at in range(0, size, CHUNK):
-            piece = buf[: min(CHUNK, size - at)]
-            _both(None, None, piece, src, pg)
-            yield memoryview(piece.numpy())
+            n, got = min(CHUNK, size - at), 0
+            try:
+                while failed is None and got < n:
+                    read = f.readinto(view[got:n])
+                    if not read:
+                        raise OSError(f"{os.path.basename(path)}: ended at {at + got} of {size} bytes")
+                    got += read
+            except OSError as e:
+                failed = e
+            if got < n:
+                buf[got:n] = 0
+            _both(buf[:n], dst, None, None, pg)
+    if failed is not None:
+        raise failed
 
-    chunks = received()
-    try:
-        if problem:
-            raise OSError(f"rank {src} sent no usable {str(got.get('file'))[:60]}: {problem}")
-        into.write_stream(got["file"], chunks)
-    finally:
-        for _ in chunks:  # whatever failed here, the sender sends its file to its end
-            pass
-    fmt.read_back(into, got["file"], got["entry"])
-    return got["file"], got["entry"]
+
+def receive_file(pg: dist.ProcessGroup, src: int, into: JoinedWrite | None, expect: str) -> tuple[str, dict]:
+    """Resume: file ``expect`` from ``src`` into ``into`` (None: taken and dropped: this rank could
+    not keep it), checked against the entry it came with."""
+    got = _header({}, None, src, pg)
+    size = _size(got)
+    return _take(
+        _received(torch.empty(min(size, CHUNK), dtype=torch.uint8), size, src, pg), into, got, expect, src
+    )

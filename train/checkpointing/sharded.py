@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -30,17 +29,18 @@ from typing import Any
 import torch
 
 from train import config, rng
-from train.checkpointing import local_shards, replicas, ring, shards, together
+from train.checkpointing import replicas, shards, together
 from train.checkpointing.boundary import Agreement
 from train.checkpointing.checkpointer import Checkpointer, Events
-from train.checkpointing.reshard import needed_files, resume_sharded
+from train.checkpointing.reshard import resume_sharded
 from train.checkpointing.resume import Resumed
+from train.checkpointing.shard_targets import BucketTarget, DirTarget
+from train.checkpointing.sharded_local import ReplicatedLocalTier
 from train.checkpointing.snapshot import Stager, to_bytes
-from train.checkpointing.together import Limit
 from train.ckpt import hooks
 from train.ckpt import manifest as mf
 from train.ckpt import shards as fmt
-from train.ckpt.storage import TMP_PREFIX, LocalStorage
+from train.ckpt.storage import LocalStorage, Unreadable
 from train.errors import ConfigError
 from train.runtime import comm
 from train.runtime.dist import DistEnv
@@ -49,7 +49,7 @@ from train.state import TRAIN_FILE, Files, TrainState
 log = logging.getLogger("train")
 
 
-class ShardedCheckpointer(Checkpointer):
+class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
     FILES = None  # the manifest lists the shard files; its layout says what each holds
 
     def __init__(
@@ -64,29 +64,23 @@ class ShardedCheckpointer(Checkpointer):
         self.replica, self.shard_index = divmod(env.rank, mesh_shape[-1])
         self.shard_count = mesh_shape[-1]
         super().__init__(cfg, env, state, fingerprint, events)
-        if not isinstance(self.manager.storage, LocalStorage):
-            raise ConfigError(
-                f"--parallel.mode {cfg.parallel.mode} saves to a filesystem only for now (not a "
-                "bucket); point --ckpt.dir at a directory every node sees"
-            )
         self.meta["parallel"] = {"mode": cfg.parallel.mode, "mesh": list(mesh_shape)}
         self.writer.commit = self._write_mine
         self.stager = Stager()
         self._pending: Any = None  # rank 0: the temporary directory of the save in flight
         self._pending_step: int | None = None  # every rank: the step saved but not yet committed
-        self._pending_name = ""
         self._rows: dict[str, shards.Rows] = {}  # a writer's: what its shard file holds
         self._shapes: dict[str, tuple[list[int], torch.dtype]] = {}  # every split tensor's, whole
         # The attempt's part of every temporary directory's name: agreed now, so that a save's
         # ranks know where to write without asking anyone at the step (unguessable by others).
         self._token = comm.all_gather_bytes(uuid.uuid4().hex[:12].encode(), env.device)[0].decode()
-        # The node-local tier: each node its own ranks' shards and, past one node, its partner's.
-        self.ring = ring.Ring(env.world_size, env.local_world_size, self.shard_count)
-        self._ring_group = ring.group(env, cfg.dist.timeout_s) if cfg.ckpt.local_interval else None
-        self._local_step: int | None = None  # the node-local save in flight, not yet committed
-        self._local_pending: Any = None  # a node's first rank: that save's temporary directory
-        if self.local.writer is not None:
-            self.local.writer.commit = self._write_local
+        storage = self.manager.storage
+        self.target = (
+            DirTarget(storage, self._token)
+            if isinstance(storage, LocalStorage)
+            else BucketTarget(storage, self._token)  # type: ignore[arg-type]
+        )
+        self._init_local_tier(cfg)
 
     # -- who writes ----------------------------------------------------------------------------------
     def _layout(self, where: Path, remote: bool) -> replicas.Layout:
@@ -101,11 +95,12 @@ class ShardedCheckpointer(Checkpointer):
 
     # -- saving ----------------------------------------------------------------------------------------
     def _snapshot(self, step: int, writes: bool) -> Callable[[], Files] | None:
-        self._pending_step, self._pending_name = step, f"{TMP_PREFIX}{mf.name_for(step)}-{self._token}"
-        return self._rows_snapshot(writes, self.env.rank == 0)
+        self._pending_step = step
+        shard = self.target.shard_file(self.shard_index, self.shard_count)
+        return self._rows_snapshot(writes, self.env.rank == 0, shard)
 
-    def _rows_snapshot(self, writes: bool, train: bool) -> Callable[[], Files] | None:
-        """Collective: this rank's rows to copy out (and the train file where ``train``)."""
+    def _rows_snapshot(self, writes: bool, train: bool, file: str) -> Callable[[], Files] | None:
+        """Collective: this rank's rows to copy out as ``file`` (and the train file where ``train``)."""
         device = self.env.device
         # The save's one collective: every rank's RNG streams (the train file keeps them all).
         rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
@@ -134,7 +129,6 @@ class ShardedCheckpointer(Checkpointer):
             small = {**self.state.train_state(), "optim": skeleton}
             small["rng"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states]
             small = self.stager.stage(small, "train")  # small: copied now
-        file = fmt.shard_file(self.shard_index, self.shard_count)
 
         def copy_rows() -> Files:  # on the writer's thread, before the next optimizer step
             staged = {**self.stager.stage(later, "rows"), **now}
@@ -145,28 +139,30 @@ class ShardedCheckpointer(Checkpointer):
         return copy_rows
 
     def _claim(self, step: int) -> bool:
-        """Rank 0, on its writer's thread: take the step's temporary directory to commit it later;
-        False if the step is committed already (and verifies). OSError: this save failed."""
+        """Rank 0, on its writer's thread: take the step to commit it later; False if the step is
+        committed already (and verifies). OSError: this save failed."""
         manager, name = self.manager, mf.name_for(step)
         if name in manager.storage.names():
             # Rejected by this process (at resume, say) counts as invalid even if it verifies.
-            problem = manager.known_problem(name) or manager.verify(name) or _layout_problem(manager, name)
+            problem = manager.known_problem(name) or _problem(manager, name)
             if not problem:
                 log.info("checkpoint %s already exists and verifies; not rewriting it", name)
                 return False
-            moved = manager.storage.set_aside(name)
+            moved = self.target.set_aside(name)
             log.warning("checkpoint %s did not verify (%s); moved it to %s", name, problem, moved)
-        self._pending = manager.storage.begin(name, self._pending_name)
+        self._pending = self.target.claim(name)
         return True
 
     def _write_mine(self, step: int, files: Files, meta: dict[str, Any]) -> dict[str, Any]:
-        """On the writer thread: this rank's files into the pending directory; their entries."""
+        """On the writer thread: this rank's files where the save's go; their entries."""
         hooks.context(save_step=step)
         if self.env.rank == 0 and not self._claim(step):
             return {"entries": {}, "rows": {}, "exists": True}
-        target = self.manager.storage.join(self._pending_name)
+        target, entries = self.target.join(mf.name_for(step)), {}
         try:
-            entries = {file: fmt.write_shard(target, file, obj) for file, obj in files.items()}
+            for file, obj in files.items():
+                entries[file], pieces = fmt.encoded(file, obj)
+                target.write(file, entries[file], pieces)
         finally:
             target.close()
         return {"entries": entries, "rows": self._rows}
@@ -206,9 +202,10 @@ class ShardedCheckpointer(Checkpointer):
         and retention. "" when committed; "skipped" or why not otherwise."""
         failed = [r for r, p in enumerate(parts) if "error" in p]
         if parts[0].get("exists") or failed:
-            if pending is None:  # rank 0 never took it (the step exists, or its own write failed)
-                pending = _Debris(self.manager.storage.root / self._pending_name)
-            pending.abort()
+            if pending is not None:
+                pending.abort()
+            # What the ranks wrote: never a file of a checkpoint there (the target sees to it).
+            self.target.abort(mf.name_for(step), [f for p in parts for f in p.get("entries", {})])
         if parts[0].get("exists"):
             return ""  # committed before (an earlier attempt's): nothing to do
         if failed:
@@ -240,150 +237,29 @@ class ShardedCheckpointer(Checkpointer):
         )
         return ""
 
-    # -- the node-local tier ----------------------------------------------------------------------
-    def _save_local(self, step: int) -> None:
-        """Collective: every rank that writes on its node copies its rows out; its writer thread
-        sends them to the partner node's rank and keeps what its own partner sends (ring.py)."""
-        writer, writes = self.local.writer, self.ring.writes(self.env.rank)
-        copy = self._rows_snapshot(writes, self.env.local_rank == 0)
-        if writer is None or copy is None:
-            return
-        self._local_step = step
-        self._local_bytes = self.state.nbytes() // max(1, self.shard_count)
-        writer.save(step, lambda: copy, self.meta, None, self._save_limit_s(self.state.nbytes()))
-        if not self.cfg.async_save:
-            self._settle()
-        self.events("checkpoint", step=step, stall_s=writer.stall_s, tier="local")
-
-    def _write_local(self, step: int, files: Files, meta: dict[str, Any]) -> dict[str, Any]:
-        """On the writer thread: this rank's shard (and its node's train file) into the node's
-        temporary directory, and the partner's shard beside them. The exchange with the partners
-        runs whatever failed here before it (they must not wait for a rank that gave up)."""
-        hooks.context(save_step=step)
-        storage = self.local.manager.storage
-        name, rank = mf.name_for(step), self.env.rank
-        tmp = f"{TMP_PREFIX}{name}-{self._token}"
-        target, outgoing, error = None, None, None
-        try:
-            self.local.before_save(self._local_bytes)
-            if self.env.local_rank == 0:
-                self._local_pending = storage.begin(name, tmp)
-            target = storage.join(tmp)
-            outgoing = {f: fmt.encoded(f, obj) for f, obj in files.items()}
-        except OSError as e:
-            error = e
-        try:
-            mine = fmt.shard_file(self.shard_index, self.shard_count)
-            received = None
-            if self._ring_group is not None:
-                sent = (mine, *outgoing[mine]) if outgoing else None
-                dst, src = self.ring.sends_to(rank), self.ring.receives_from(rank)
-                received = ring.exchange(self._ring_group, dst, sent, src, target)
-            if error is not None:
-                raise error
-            assert target is not None and outgoing is not None
-            for file, (entry, pieces) in outgoing.items():
-                target.write(file, pieces)
-                fmt.read_back(target, file, entry)
-            entries = {file: entry for file, (entry, _) in outgoing.items()}
-            return {"entries": entries, "rows": self._rows, "received": received[0] if received else None}
-        finally:
-            if target is not None:
-                target.close()
-
-    def _commit_local(self) -> None:
-        """Collective: every node's first rank commits its node's copy, or none does."""
-        step, self._local_step = self._local_step, None
-        wrote = self.local.writer.result if self.local.writer is not None else None
-        said = {"error": "not written"} if wrote is None and self.ring.writes(self.env.rank) else wrote or {}
-        parts = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(said).encode(), self.env.device)]
-        pending, self._local_pending = self._local_pending, None
-        leader = self.env.local_rank == 0 and self.local.manager is not None
-        work = (lambda: self._finish_local(step, pending, parts)) if leader else None
-        if together.run(work, self._limit, f"committing the node-local checkpoint of step {step}"):
-            self.local.failed(OSError(f"node-local checkpoint of step {step} not committed"))
-
-    def _finish_local(self, step: int, pending: Any, parts: list[dict]) -> bool:
-        """A node's first rank: its node's manifest (every file of the save, whichever node holds
-        it) and the rename, then only this one kept. True if it could not commit."""
-        storage = self.local.manager.storage
-        failed = [r for r, p in enumerate(parts) if "error" in p]
-        mine = {
-            f
-            for r, p in enumerate(parts)
-            if self.ring.node_of(r) == self.ring.node_of(self.env.rank)
-            for f in [*p.get("entries", {}), *([p["received"]] if p.get("received") else [])]
-        }
-        if failed or pending is None or TRAIN_FILE not in mine:
-            (pending or _Debris(storage.root / f"{TMP_PREFIX}{mf.name_for(step)}-{self._token}")).abort()
-            if failed and self.env.rank == 0:
-                log.warning("node-local checkpoint of step %d not committed: rank %d failed", step, failed[0])
-            return bool(failed) or pending is None
-        node_parts = [
-            p for r, p in enumerate(parts) if self.ring.node_of(r) == self.ring.node_of(self.env.rank)
-        ]
-        entries = {f: e for p in parts for f, e in p.get("entries", {}).items() if f != TRAIN_FILE}
-        entries[TRAIN_FILE] = next(
-            p["entries"][TRAIN_FILE] for p in node_parts if TRAIN_FILE in p.get("entries", {})
-        )
-        pieces = {
-            f: {k: tuple(r) for k, r in p["rows"].items()}
-            for p in parts
-            for f in p.get("entries", {})
-            if f != TRAIN_FILE
-        }
-        try:
-            raw = mf.build_from(
-                step, entries, {**self.meta, fmt.LAYOUT: fmt.layout(pieces, self._shapes)}, compact=True
-            )
-            fmt.check(mf.parse(raw, step))
-            pending.write(mf.MANIFEST, raw)
-            pending.commit()
-            for older in storage.names():
-                if older != pending.name:
-                    storage.delete(older)
-        except (OSError, mf.Problem) as e:
-            pending.abort()
-            log.warning("node-local checkpoint of step %d not committed: %s", step, e)
-            return True
-        return False
-
     # -- resuming --------------------------------------------------------------------------------------
     def resume(self) -> Resumed | None:
-        limit, local, manager = self._load_limit(), None, self.local.manager
-        if self.cfg.local_interval and self.run_id:  # the same on every rank: listed() is collective
-            copies = local_shards.listed(manager, self.env, self.run_id, limit)
-            model = {k: t for k, t in shards.split(self.state)[0].items() if k.startswith(fmt.MODEL)}
-
-            def complete(copy: local_shards.LocalCopy, limit: Limit) -> str:
-                assert manager is not None  # listed() names no copy unless every rank has one
-                needs = lambda name: needed_files(manager, name, self.state, model)  # noqa: E731
-                return local_shards.complete(
-                    copy, manager, self.env, self._ring_group, self._token, limit, needs
-                )
-
-            local = (manager, copies, complete)
-        return resume_sharded(
+        limit = self._load_limit()
+        local = self._local_source(limit)
+        resumed = resume_sharded(
             self.manager, self.state, self.env, self.fingerprint, self.run_dir, limit, local
         )
+        self._drop_newer_local(resumed.step if resumed is not None else 0, limit)
+        return resumed
 
 
-def _layout_problem(manager: Any, name: str) -> str:
-    """ "" if a checkpoint's layout (if it has one) is one a resume can read."""
+def _problem(manager: Any, name: str) -> str:
+    """ "" if an existing checkpoint verifies - every file's checksum streamed, nothing decoded or
+    held (a sharded one is as big as the model) - and its layout (if any) is one a resume reads."""
     try:
         manifest = manager.manifest(name)
         if fmt.is_sharded(manifest):
             fmt.check(manifest)
+        for file, entry in manifest["files"].items():
+            if manager.storage.digest(name, file, entry["size"]) != entry["xxh3_64"]:
+                return f"{file}: checksum mismatch (corrupt)"
     except mf.Problem as p:
         return str(p)
+    except (OSError, Unreadable) as e:
+        return f"{type(e).__name__}: {e}"
     return ""
-
-
-class _Debris:
-    """A sharded save's temporary directory that rank 0 never took (its own write failed first)."""
-
-    def __init__(self, path: Any):
-        self.path = path
-
-    def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)

@@ -96,12 +96,16 @@ def remove(path: Path) -> None:
 
 
 def write_file(
-    dir_fd: int, file: str, data: bytes | memoryview | list[bytes | memoryview] | Iterable[bytes | memoryview]
+    dir_fd: int,
+    file: str,
+    data: bytes | memoryview | list[bytes | memoryview] | Iterable[bytes | memoryview],
+    exclusive: bool = False,
 ) -> None:
-    """A new file in the directory ``dir_fd``, durable when this returns (never through a link)."""
+    """A new file in the directory ``dir_fd``, durable when this returns (never through a link;
+    ``exclusive``: never over a file already there, FileExistsError instead)."""
 
     def opener(path: str, flags: int) -> int:
-        return os.open(path, flags | os.O_NOFOLLOW, 0o666, dir_fd=dir_fd)
+        return os.open(path, flags | os.O_NOFOLLOW | (os.O_EXCL if exclusive else 0), 0o666, dir_fd=dir_fd)
 
     with open(plain(file), "wb", opener=opener) as f:
         for piece in [data] if isinstance(data, (bytes, bytearray, memoryview)) else data:
@@ -134,8 +138,9 @@ class JoinedWrite:
         write_file(self._fd, file, data)
 
     def write_stream(self, file: str, chunks: Iterable[bytes | memoryview]) -> None:
-        """A new file of ``chunks`` as they come (a file from another node), durable on return."""
-        write_file(self._fd, file, chunks)
+        """A new file of ``chunks`` as they come (a file from another node: never over one here),
+        durable on return."""
+        write_file(self._fd, file, chunks, exclusive=True)
 
     def open(self, file: str) -> int:
         """A read-only fd of a file written here (to read it back)."""

@@ -277,11 +277,28 @@ class FsspecStorage:
         """Kept for inspection under another name: server-side copies (manifest last), then delete."""
         target = f"{name}{INVALID_TAG}{int(time.time())}-{uuid.uuid4().hex[:6]}"
         files = sorted(self._objects().get(_plain(name), {}), key=lambda f: f == MANIFEST)
-        with _calls(f"setting aside {self.location(name)}"):
-            for file in files:
-                self.fs.copy(self._path(name, file), self._path(target, file))
+        for file in files:
+            self.copy(name, file, target)
         self._remove(name, files)
         return target
+
+    def copy(self, name: str, file: str, target: str) -> None:
+        """A server-side copy of one object to checkpoint directory ``target``."""
+        with _calls(f"copying {self.location(name)}/{file}"):
+            self.fs.copy(self._path(name, file), self._path(target, file))
+
+    def read_range(
+        self, name: str, file: str, offset: int, length: int, into: memoryview | None = None
+    ) -> memoryview:
+        """As LocalStorage.read_range: one ranged GET (a sharded checkpoint's reader takes only the
+        rows it needs, in windows of a few blocks); Unreadable if the object ends before."""
+        with _calls(f"reading {self.location(name)}/{file}"):
+            data = self.fs.cat_file(self._path(name, file), start=offset, end=offset + length)
+        if len(data) != length:
+            raise Unreadable(f"{len(data)} of {length} bytes at offset {offset}", actual=offset + len(data))
+        view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
+        view[:] = data
+        return view
 
     def clean_temporaries(self, also: str | None = None) -> list[str]:
         """Remove debris at least ``stale_s`` old (``also``: that directory's, whatever its age):
