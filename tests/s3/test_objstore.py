@@ -90,6 +90,23 @@ m.commit(20, {f: serialize(f, {"w": torch.rand(11 << 18)}) for f in files}, {})
     assert not uploads.get("Uploads")
 
 
+def test_stray_objects_in_a_committed_prefix_go_and_its_files_stay(s3_env: dict) -> None:
+    """A sharded save's upload under another attempt's name, left in a committed checkpoint's
+    prefix by a crash: removed once stale; the checkpoint's own files are never touched."""
+    url = f"s3://{s3_env['BUCKET']}/strays"
+    m = manager(url)
+    m.commit(10, blobs(10, 1 << 10), {})
+    store = FsspecStorage(url, stale_s=0)
+    store._upload(store._path("step_00000010", "shard-00000-of-00002.old.safetensors"), [b"x" * 100])
+    removed = store.clean_temporaries()
+    assert removed == ["step_00000010/shard-00000-of-00002.old.safetensors"]
+    assert set(store._objects()["step_00000010"]) == {*FILES, "manifest.json"}
+    assert manager(url).verify("step_00000010") == ""
+    young = FsspecStorage(url)  # stale_s 300: a save in flight keeps its uploads
+    young._upload(young._path("step_00000010", "shard-1.new.safetensors"), [b"y"])
+    assert young.clean_temporaries() == []
+
+
 def test_debris_younger_than_stale_is_left_to_its_writer(s3_env: dict) -> None:
     url = f"s3://{s3_env['BUCKET']}/run3"
     store = FsspecStorage(url)  # stale_s = 300

@@ -293,6 +293,8 @@ def resume_sharded(
             if not reason:
                 assert read is not None
                 read.restore(state, env)
+                if copy is None:  # verified as read: retention need not read it again
+                    source.record(name, "")
                 last = records.last_step(records.read(run_dir, limit=RECORD_TAIL)) if env.rank == 0 else 0
                 said = comm.all_gather_bytes(f"{bytes_read() - before} {last}".encode(), env.device)
                 pulled = [int(p.split()[0]) for p in said]

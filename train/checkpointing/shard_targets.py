@@ -47,8 +47,8 @@ class DirTarget:
         """Rank 0: the save of ``name`` to commit later (the directory is locked as its writer's)."""
         return self.storage.begin(name, self._tmp(name))
 
-    def abort(self, name: str, files: list[str]) -> None:
-        """Remove what this save wrote where rank 0 never took it (its own write failed first)."""
+    def abort(self, name: str, files: list[str], claimed: bool = False) -> None:
+        """Remove what this save wrote (its temporary directory, whoever made it)."""
         shutil.rmtree(self.storage.root / self._tmp(name), ignore_errors=True)
 
     def set_aside(self, name: str) -> str:
@@ -95,14 +95,15 @@ class BucketTarget:
         storage._remove(name, old)
         return target
 
-    def abort(self, name: str, files: list[str]) -> None:
-        """This save's uploads (``files``, and any of its token): never a committed checkpoint's."""
+    def abort(self, name: str, files: list[str], claimed: bool = False) -> None:
+        """This save's uploads - every file of its token, and the train file where rank 0 had
+        ``claimed`` the step (no checkpoint of it was there) - never a committed checkpoint's."""
         with contextlib.suppress(OSError):
-            present = set(self.storage._objects().get(name, {}))
-            if mf.MANIFEST in present:  # a checkpoint of this step exists: only this save's own files
-                doomed = [f for f in present if f in files and self.token in f]
-            else:  # no checkpoint: everything there is debris of this or an older attempt
-                doomed = sorted(present)
+            doomed = [
+                f
+                for f in self.storage._objects().get(name, {})
+                if self.token in f or (claimed and f in files and f != mf.MANIFEST)
+            ]
             if doomed:
                 self.storage._remove(name, doomed)
 
@@ -149,5 +150,5 @@ class _BucketPending:
             if stale:
                 storage._remove(self.name, stale)
 
-    def abort(self, files: list[str] = ()) -> None:  # type: ignore[assignment]
-        self.target.abort(self.name, [*files, *self._wrote])
+    def abort(self) -> None:
+        self.target.abort(self.name, self._wrote, claimed=True)

@@ -18,6 +18,7 @@ The step loop pays for the copy of the rank's own rows; the writes run beside th
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -64,6 +65,7 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
         self.replica, self.shard_index = divmod(env.rank, mesh_shape[-1])
         self.shard_count = mesh_shape[-1]
         super().__init__(cfg, env, state, fingerprint, events)
+        self.manager.streamed_checks = True
         self.meta["parallel"] = {"mode": cfg.parallel.mode, "mesh": list(mesh_shape)}
         self.writer.commit = self._write_mine
         self.stager = Stager()
@@ -186,7 +188,9 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
         parts = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(said).encode(), self.env.device)]
         pending, self._pending = self._pending, None
         work = (lambda: self._finish(step, pending, parts)) if self.env.rank == 0 else None
-        outcome = together.run(work, self._limit, f"committing the checkpoint of step {step}") or ""
+        # Retention re-checks the checkpoints it keeps (streamed, once per process): up to --ckpt.keep.
+        limit = dataclasses.replace(self._limit, nbytes=self._limit.nbytes * self.cfg.keep)
+        outcome = together.run(work, limit, f"committing the checkpoint of step {step}") or ""
         outcome = comm.all_gather_bytes(outcome.encode(), self.env.device)[0].decode()
         if outcome == "skipped":
             return True  # a rank's shard failed: that rank's policy counted it
@@ -205,7 +209,8 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
             if pending is not None:
                 pending.abort()
             # What the ranks wrote: never a file of a checkpoint there (the target sees to it).
-            self.target.abort(mf.name_for(step), [f for p in parts for f in p.get("entries", {})])
+            files = [f for p in parts for f in p.get("entries", {})]
+            self.target.abort(mf.name_for(step), files, claimed=pending is not None)
         if parts[0].get("exists"):
             return ""  # committed before (an earlier attempt's): nothing to do
         if failed:
@@ -241,11 +246,9 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
     def resume(self) -> Resumed | None:
         limit = self._load_limit()
         local = self._local_source(limit)
-        resumed = resume_sharded(
+        return resume_sharded(
             self.manager, self.state, self.env, self.fingerprint, self.run_dir, limit, local
         )
-        self._drop_newer_local(resumed.step if resumed is not None else 0, limit)
-        return resumed
 
 
 def _problem(manager: Any, name: str) -> str:
@@ -260,6 +263,6 @@ def _problem(manager: Any, name: str) -> str:
                 return f"{file}: checksum mismatch (corrupt)"
     except mf.Problem as p:
         return str(p)
-    except (OSError, Unreadable) as e:
+    except Unreadable as e:
         return f"{type(e).__name__}: {e}"
-    return ""
+    return ""  # an OSError (a store that failed one request) fails this save, sets nothing aside

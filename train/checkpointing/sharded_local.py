@@ -44,6 +44,7 @@ class ReplicatedLocalTier:
         self._local_step: int | None = None  # the node-local save in flight, not yet committed
         self._local_pending: Any = None  # a node's first rank: that save's temporary directory
         self._transport_failed = False
+        self._stage_error: BaseException | None = None
         self._local_on = bool(cfg.ckpt.local_interval)
         self._ring_group = None
         if not self._local_on:
@@ -77,7 +78,16 @@ class ReplicatedLocalTier:
         if copy is not None and writer is not None:
             # Its own shard and its partner's, with the older copy still there until the commit.
             self._local_bytes = 2 * self.state.nbytes() // max(1, self.shard_count)
-            writer.save(step, lambda: copy, self.meta, None, self._save_limit_s(self.state.nbytes()))
+            self._stage_error = None
+
+            def staged() -> Files:  # a copy that fails still leads to the exchange (with nothing)
+                try:
+                    return copy()
+                except Exception as e:
+                    self._stage_error = e
+                    return {}
+
+            writer.save(step, lambda: staged, self.meta, None, self._save_limit_s(self.state.nbytes()))
             self.events("checkpoint", step=step, stall_s=writer.stall_s, tier="local")
         if not self.cfg.async_save:
             self._settle()
@@ -89,8 +99,10 @@ class ReplicatedLocalTier:
         storage = self.local.manager.storage
         name, rank = mf.name_for(step), self.env.rank
         tmp = f"{TMP_PREFIX}{name}-{self._token}"
-        target, outgoing, error = None, None, None
+        target, outgoing, error = None, None, self._stage_error
         try:
+            if error is not None:
+                raise error
             self.local.before_save(self._local_bytes)
             if self.env.local_rank == 0:
                 if name in storage.names():  # an older attempt's copy of this step: not usable, or
@@ -98,8 +110,8 @@ class ReplicatedLocalTier:
                 self._local_pending = storage.begin(name, tmp)
             target = storage.join(tmp)
             outgoing = {f: fmt.encoded(f, obj) for f, obj in files.items()}
-        except OSError as e:
-            error = e
+        except Exception as e:  # whatever it was, the partners still get their exchange
+            error = e if isinstance(e, OSError) else OSError(f"{type(e).__name__}: {e}")
         try:
             mine = fmt.shard_file(self.shard_index, self.shard_count)
             received = None
@@ -132,7 +144,7 @@ class ReplicatedLocalTier:
         step, self._local_step = self._local_step, None
         wrote = self.local.writer.result if self.local.writer is not None else None
         said = {"error": "not written"} if wrote is None and self.ring.writes(self.env.rank) else wrote or {}
-        said = {**said, "transport_failed": self._transport_failed}
+        said = {**said, "transport_failed": self._transport_failed, "off": not self.local.writing}
         parts = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(said).encode(), self.env.device)]
         pending, self._local_pending = self._local_pending, None
         leader = self.env.local_rank == 0
@@ -151,6 +163,10 @@ class ReplicatedLocalTier:
             self._local_on = False
             if self.env.rank == 0:
                 log.warning("a transfer between nodes failed: node-local checkpoints off for this attempt")
+        elif any(p.get("off") for p in parts):  # a rank's tier gave up after repeated failures
+            self._local_on = False
+            if self.env.rank == 0:
+                log.warning("node-local checkpoints off for this attempt: a rank's kept failing")
 
     def _finish_local(self, step: int, pending: Any, parts: list[dict]) -> str:
         """A node's first rank: its node's manifest (every file of the save, whichever node holds
@@ -187,12 +203,12 @@ class ReplicatedLocalTier:
 
     def _keep_only(self, name: str) -> None:
         storage = self.local.manager.storage
-        for older in storage.names():
-            if older != name:
-                try:
+        try:
+            for older in storage.names():
+                if older != name:
                     storage.delete(older)
-                except OSError as e:
-                    log.warning("could not remove the older node-local checkpoint %s: %s", older, e)
+        except OSError as e:  # left for the next save's retention (never fails the others' poll)
+            log.warning("node-local retention skipped: %s", e)
 
     # -- resuming --------------------------------------------------------------------------------
     def _local_source(self, limit: Limit) -> Local | None:
@@ -211,27 +227,11 @@ class ReplicatedLocalTier:
             reason = local_shards.complete(
                 copy, manager, self.env, self._ring_group, self._token, limit, needs
             )
-            self._transport_failed = self._transport_failed or local_shards.TRANSPORT in reason
+            if local_shards.TRANSPORT in reason:  # the same reason on every rank: gathered
+                self._transport_failed, self._local_on = True, False
             return reason
 
         return manager, copies, complete
-
-    def _drop_newer_local(self, step: int, limit: Limit) -> None:
-        """Collective: node-local copies newer than the step resumed from are not this run's
-        future: removed, so that no node later mixes them with a new save of their step."""
-        if not self._local_on:
-            return
-        manager = self.local.manager
-
-        def drop() -> None:
-            for name in manager.storage.names():
-                if (mf.step_of(name) or 0) > step:
-                    try:
-                        manager.storage.delete(name)
-                    except OSError as e:  # it stays, and its save token keeps it apart
-                        log.warning("could not remove node-local checkpoint %s: %s", name, e)
-
-        together.run(drop if self.env.local_rank == 0 else None, limit, "removing newer node-local copies")
 
 
 def _remove_tree(path: Any) -> None:

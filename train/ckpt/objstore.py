@@ -24,6 +24,7 @@ few retries): an unreachable store fails a save in seconds, and the save policy 
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from train.ckpt.fs import plain as _plain
 from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage, Unreadable, check_size
 
 MANIFEST = "manifest.json"  # the commit point (train.ckpt.manifest.MANIFEST)
+MANIFEST_LIMIT = 16 << 20  # train.ckpt.manifest.MANIFEST_LIMIT
 PART = 16 << 20  # bytes per upload part and per ranged read
 IN_FLIGHT = 4  # parts (up or down) at once per file: memory <= IN_FLIGHT x PART beyond the file
 STALE_S = 300.0
@@ -310,9 +312,32 @@ class FsspecStorage:
             if MANIFEST not in files and (name == also or now - newest >= self.stale_s):
                 self._remove(name, list(files))
                 removed.append(name)
+            elif MANIFEST in files and len(files) > 1:
+                removed += self._strays(name, files, now)
         if self.s3:
             removed += self._abort_uploads(now, also)
         return removed
+
+    def _strays(self, name: str, files: dict[str, dict], now: float) -> list[str]:
+        """Objects in a committed checkpoint's prefix that its manifest does not list, at least
+        ``stale_s`` old: a sharded save's uploads under another attempt's name (its ranks write
+        straight into the prefix) that a crash left there."""
+        try:
+            listed = json.loads(bytes(self.read(name, MANIFEST, limit=MANIFEST_LIMIT))).get("files")
+        except (OSError, ValueError, AttributeError, Unreadable):
+            return []  # an unreadable manifest: the checkpoint is judged elsewhere, left as it is
+        if not isinstance(listed, dict):
+            return []
+        strays = [
+            f
+            for f, i in files.items()
+            if f != MANIFEST and f not in listed and now - _mtime(i) >= self.stale_s
+        ]
+        if strays:
+            with contextlib.suppress(OSError):
+                self._remove(name, strays)
+                return [f"{name}/{f}" for f in strays]
+        return []
 
     def _abort_uploads(self, now: float, also: str | None) -> list[str]:
         bucket, prefix, _ = self.fs.split_path(self.root)
