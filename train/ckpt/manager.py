@@ -99,9 +99,7 @@ class CheckpointManager:
         if self.files is not None and not (self.files and all(map(mf.plain_file_name, self.files))):
             raise ValueError(f"files must be plain file names other than {mf.MANIFEST}: {sorted(self.files)}")
         self.storage, self.keep = storage, keep
-        # Retention's re-check of the checkpoints it keeps: decoded (a whole-state checkpoint), or,
-        # set by a sharded run, checksums streamed (its checkpoints are as big as the model).
-        self.streamed_checks = False
+        self.streamed_checks = False  # retention re-checks by checksums alone (a sharded run's)
         self._verified: set[str] = set()
         self._failed: dict[str, str] = {}
         # What an earlier process verified (see marks.py): local filesystems only.
@@ -365,10 +363,8 @@ class CheckpointManager:
         if name not in self._verified and name not in self._failed:
             if self._marks is not None and self._marks.holds(name):
                 self._verified.add(name)
-            elif self.streamed_checks:  # checksums alone, streamed: nothing held, nothing decoded
-                self._reread(name)
-            else:
-                self.verify(name)
+            else:  # a sharded run's are as big as the model: streamed, never decoded whole
+                (self._reread if self.streamed_checks else self.verify)(name)
         return name in self._verified
 
 
