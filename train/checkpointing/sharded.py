@@ -219,13 +219,27 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
             )
             return "skipped"
         entries = {f: e for p in parts for f, e in p.get("entries", {}).items()}
+        problem = self._write_manifest(step, pending, entries, parts)
+        if problem:
+            return problem
+        self.manager.committed(pending.name)
+        log.info(
+            "checkpoint %s committed (%d shard files)",
+            self.manager.storage.location(pending.name),
+            len(entries) - 1,
+        )
+        return ""
+
+    def _write_manifest(self, step: int, pending: Any, entries: dict, parts: list[dict], **extra: str) -> str:
+        """The manifest of a save (every file, the layout of what each rank wrote), checked as a
+        reader will check it, then the commit; "" or why not (``pending`` aborted then)."""
         pieces = {
             f: {k: tuple(r) for k, r in p["rows"].items()}
             for p in parts
             for f in p.get("entries", {})
             if f != TRAIN_FILE
         }
-        meta = {**self.meta, fmt.LAYOUT: fmt.layout(pieces, self._shapes)}
+        meta = {**self.meta, fmt.LAYOUT: fmt.layout(pieces, self._shapes), **extra}
         try:
             raw = mf.build_from(step, entries, meta, compact=True)
             fmt.check(mf.parse(raw, step))  # what a reader will refuse is never committed
@@ -234,12 +248,6 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
         except (OSError, mf.Problem) as e:
             pending.abort()
             return str(e)
-        self.manager.committed(pending.name)
-        log.info(
-            "checkpoint %s committed (%d shard files)",
-            self.manager.storage.location(pending.name),
-            len(pieces),
-        )
         return ""
 
     # -- resuming --------------------------------------------------------------------------------------

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from typing import Any
 
 from train import config
 from train.checkpointing import local_shards, ring, shards, together
 from train.checkpointing.reshard import Local, needed_files
+from train.checkpointing.shard_targets import DirTarget
 from train.checkpointing.together import Limit
 from train.ckpt import hooks
 from train.ckpt import manifest as mf
@@ -180,26 +180,11 @@ class ReplicatedLocalTier:
             if pending is not None:
                 pending.abort()
             else:
-                _remove_tree(storage.root / f"{TMP_PREFIX}{mf.name_for(step)}-{self._token}")
+                DirTarget(storage, self._token).abort(mf.name_for(step), [])
             return f"rank {failed[0]} failed" if failed else "this node's save did not start"
         entries = {f: e for p in parts for f, e in p.get("entries", {}).items() if f != TRAIN_FILE}
         entries[TRAIN_FILE] = trains[0]
-        pieces = {
-            f: {k: tuple(r) for k, r in p["rows"].items()}
-            for p in parts
-            for f in p.get("entries", {})
-            if f != TRAIN_FILE
-        }
-        meta = {**self.meta, fmt.LAYOUT: fmt.layout(pieces, self._shapes), "save": self._token}
-        try:
-            raw = mf.build_from(step, entries, meta, compact=True)
-            fmt.check(mf.parse(raw, step))
-            pending.write(mf.MANIFEST, raw)
-            pending.commit()
-        except (OSError, mf.Problem) as e:
-            pending.abort()
-            return str(e)
-        return ""
+        return self._write_manifest(step, pending, entries, parts, save=self._token)
 
     def _keep_only(self, name: str) -> None:
         storage = self.local.manager.storage
@@ -232,7 +217,3 @@ class ReplicatedLocalTier:
             return reason
 
         return manager, copies, complete
-
-
-def _remove_tree(path: Any) -> None:
-    shutil.rmtree(path, ignore_errors=True)
