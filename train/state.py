@@ -38,6 +38,7 @@ class TrainState:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.sampler, self.scaler = sampler, scaler
         self.step = 0  # optimizer steps completed; the next step to run is step + 1
+        self._model_bytes: int | None = None
 
     def state_dict(self) -> Files:
         """The live state, not copies: the tensors are the model's and the optimizer's own."""
@@ -76,10 +77,11 @@ class TrainState:
 
     def nbytes(self) -> int:
         """Tensor bytes a checkpoint of this state holds (its files are ~0.1% larger)."""
-        tensors = [*self.model.state_dict().values()]
-        for per_param in self.optimizer.state.values():
-            tensors += [v for v in per_param.values() if isinstance(v, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        if self._model_bytes is None:  # the model's tensors keep their sizes; its state_dict() is not free
+            self._model_bytes = sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
+        optim = [v for per_param in self.optimizer.state.values() for v in per_param.values()]
+        tensors = [t for t in optim if isinstance(t, torch.Tensor)]
+        return self._model_bytes + sum(t.numel() * t.element_size() for t in tensors)
 
     def targets(self) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors a checkpoint's files may be decoded straight into, per file: the model's own

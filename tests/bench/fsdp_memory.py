@@ -6,7 +6,7 @@ The job's own pieces - the GPT sharded by FSDP2 (8 x 512, fsdp over 2 ranks), it
 a step, the ShardedCheckpointer - driven directly, so nothing else (the next step's temporaries,
 the data) moves the numbers:
 F1  the step loop's stall of an async save: the save call plus the wait for its copy in the
-    optimizer's step hook after the next forward/backward, saves 2 and 3 (the first allocates the
+    optimizer's step hook after the next forward/backward, saves 2-6 (the first allocates the
     staging buffers), against a memcpy of the rank's shard bytes (best of 3);
 F2  a rank's peak RSS growth during its first save, staging buffers allocated, written, read
     back and committed (VmHWM, reset right before), / its shard bytes.
@@ -66,7 +66,7 @@ def main(run_dir: Path) -> None:
     checkpointer._save(1, Agreement(), last=True)  # written and committed when this returns
     growth = _status("VmHWM") - base
     stalls = []
-    for step in (2, 3):
+    for step in range(2, 7):
         t0 = time.perf_counter()
         checkpointer._save(step, Agreement())
         call = time.perf_counter() - t0

@@ -13,6 +13,7 @@ import logging
 import os
 import queue
 import random
+import threading
 import re
 import time
 import traceback
@@ -173,6 +174,16 @@ def _comm_worker(env) -> dict:
         "mean_input_untouched": value.item(),
         "mean_vector": comm.mean(torch.tensor([1.0, -2.0]) * (rank + 1)).tolist(),
     }
+    # Started now, waited for later on another thread, with a collective in between (the save's
+    # RNG gather overlaps the step loop's own collectives); one rank's data over the capacity.
+    later = comm.all_gather_later(b"L%d" % rank * (rank + 1), 16, dev)
+    out["gather_between"] = comm.all_gather_bytes(b"b%d" % rank, dev)
+    over = comm.all_gather_later(b"x" * (5 if rank == 0 else 40), 8, dev)
+    box: dict = {}
+    waiter = threading.Thread(target=lambda: box.update(later=later(), over=over()))
+    waiter.start()
+    waiter.join(60)
+    out.update(gather_later=box.get("later"), gather_over=box.get("over"))
     from train.checkpointing.boundary import Agreement, agree
 
     loss, agreed = agree(Agreement(stop=rank == 0, saving=rank == 1), env, torch.tensor(float(rank + 1)))
@@ -191,6 +202,8 @@ def test_comm_collectives_agree_on_both_ranks():
         assert r["gather_same_len"] == [b"abc0", b"abc1"]
         assert r["gather_big"] == [b"\x00" * 100_000, b"\x01" * 100_001]
         assert r["gather_binary"] == [b"\x00", payload_1]
+        assert r["gather_later"] == [b"L0", b"L1L1"] and r["gather_between"] == [b"b0", b"b1"]
+        assert r["gather_over"] == [b"xxxxx", b""]  # too long: empty, for its reader to refuse
         assert r["mean"] == pytest.approx(4.0)  # (2 + 6) / 2
         assert r["mean_vector"] == pytest.approx([1.5, -3.0])
     assert r0["mean_input_untouched"] == 2.0 and r1["mean_input_untouched"] == 6.0

@@ -143,3 +143,31 @@ def test_pt_files_load_weights_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         deserialize("train.pt", serialize("train.pt", {"x": Payload()}))
     assert not marker.exists()
+
+
+def test_rng_states_pack_into_bytes_of_one_size_and_back() -> None:
+    """The save gathers every rank's RNG states in one buffer of a fixed size (snapshot.py)."""
+    import numpy as np
+
+    from train import rng
+
+    sizes = set()
+    for seed, gauss in [(1, False), (2, True)]:
+        rng.seed_all(seed)
+        if gauss:  # Python's and NumPy's cached Gaussian are part of the state
+            random.gauss(0, 1)
+            np.random.standard_normal()
+        state = rng.capture()
+        data = rng.pack(state)
+        sizes.add(len(data))
+        back = rng.unpack(data)
+        assert back["python"] == state["python"] and torch.equal(back["torch"], state["torch"])
+        assert torch.equal(back["numpy"]["keys"], state["numpy"]["keys"])
+        assert {k: v for k, v in back["numpy"].items() if k != "keys"} == {
+            k: v for k, v in state["numpy"].items() if k != "keys"
+        }
+        rng.check(back)
+    assert len(sizes) == 1
+    for bad in (b"", data[:-1], data + b"x"):
+        with pytest.raises(ValueError):
+            rng.unpack(bad)

@@ -100,6 +100,39 @@ def test_a_corrupt_block_is_found_by_a_reader_that_reads_it_only(tmp_path: Path)
         reader(tmp_path, name).read_rows({"optim/0/exp_avg": (5, 10), "model/w": (5, 10), "model/b": (0, 7)})
 
 
+def test_bytes_between_the_rows_read_are_checked_too(tmp_path: Path) -> None:
+    """Rows land straight in their tensors, what lies between them in a scratch buffer: a flipped
+    byte of a tensor not read, inside a block that is, still fails that block."""
+    name = write_sharded(tmp_path, 5, [0.5])
+    path = tmp_path / name / shards.shard_file(0, 2)
+    header = reader(tmp_path, name)._header(shards.shard_file(0, 2))
+    data = bytearray(path.read_bytes())
+    data[header["model/b"].start] ^= 0xFF  # model/b's first byte: its block also holds model/w's rows
+    path.write_bytes(bytes(data))
+    owner = header["model/b"].start // shards.BLOCK_BYTES
+    read = [header[k] for k in ("model/w", "optim/0/exp_avg")]
+    assert any(e.start // shards.BLOCK_BYTES <= owner <= (e.end - 1) // shards.BLOCK_BYTES for e in read)
+    with pytest.raises(mf.Problem, match=f"checksum mismatch in block {owner}"):
+        reader(tmp_path, name).read_rows({"model/w": (0, 5), "optim/0/exp_avg": (0, 5)})
+
+
+def test_short_reads_and_many_destinations_still_fill_every_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may read less than asked, and one preadv takes at most IOV_MAX destinations."""
+    import os
+
+    from train.ckpt import storage
+
+    real = os.preadv
+    monkeypatch.setattr(storage, "IOV_MAX", 2)
+    monkeypatch.setattr(storage.os, "preadv", lambda fd, bufs, at: real(fd, [b[:5] for b in bufs[:1]], at))
+    name = write_sharded(tmp_path, 5, [0.3, 0.6])
+    tensors = whole()
+    got = reader(tmp_path, name).read_rows({k: (0, t.shape[0]) for k, t in tensors.items()})
+    assert all(torch.equal(got[k], t) for k, t in tensors.items())
+
+
 def test_a_missing_shard_file_is_a_problem(tmp_path: Path) -> None:
     name = write_sharded(tmp_path, 5, [0.5])
     (tmp_path / name / shards.shard_file(0, 2)).unlink()

@@ -19,7 +19,6 @@ The step loop pays for the copy of the rank's own rows; the writes run beside th
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import uuid
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from train import config, rng
+from train import config
 from train.checkpointing import replicas, shards, together
 from train.checkpointing.boundary import Agreement
 from train.checkpointing.checkpointer import Checkpointer, Events
@@ -37,7 +36,7 @@ from train.checkpointing.reshard import resume_sharded
 from train.checkpointing.resume import Resumed
 from train.checkpointing.shard_targets import BucketTarget, DirTarget
 from train.checkpointing.sharded_local import ReplicatedLocalTier
-from train.checkpointing.snapshot import Stager, to_bytes
+from train.checkpointing.snapshot import Stager
 from train.ckpt import hooks
 from train.ckpt import manifest as mf
 from train.ckpt import shards as fmt
@@ -105,7 +104,7 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
         """Collective: this rank's rows to copy out as ``file`` (and the train file where ``train``)."""
         device = self.env.device
         # The save's one collective: every rank's RNG streams (the train file keeps them all).
-        rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
+        rng_states = self.snapshots.rng.start(device)
         if not writes:
             return None
         tensors, skeleton = shards.split(self.state)
@@ -128,15 +127,15 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
         later = {k: t for k, t in mine.items() if k not in now}
         small = None
         if train:
-            small = {**self.state.train_state(), "optim": skeleton}
-            small["rng"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states]
-            small = self.stager.stage(small, "train")  # small: copied now
+            small = self.stager.stage({**self.state.train_state(), "optim": skeleton}, "train")  # small: now
 
         def copy_rows() -> Files:  # on the writer's thread, before the next optimizer step
             staged = {**self.stager.stage(later, "rows"), **now}
             if device.type == "cuda":
                 torch.cuda.current_stream(device).synchronize()
-            return {file: staged, **({TRAIN_FILE: small} if small is not None else {})}
+            if small is None:
+                return {file: staged}
+            return {file: staged, TRAIN_FILE: {**small, "rng": rng_states()}}
 
         return copy_rows
 

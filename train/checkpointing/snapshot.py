@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -47,27 +46,39 @@ class Stager:
         return obj
 
 
-def to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
+class RngStreams:
+    """Every rank's RNG streams for the train file, gathered beside the step loop: the gather is
+    started at the save (in the order of every rank's collectives) and waited for by the writer,
+    so the step loop never waits for the slowest rank to reach the save."""
+
+    def __init__(self) -> None:
+        self.capacity: int | None = None
+
+    def start(self, device: torch.device) -> Callable[[], list[dict]]:
+        """Collective: every rank calls it at every save; the result, called on any thread, gives
+        each rank's capture()d state (ValueError if one cannot be read)."""
+        mine = rng.pack(rng.capture(device))
+        if self.capacity is None:  # the first save: pack()'s size is fixed for a build and device
+            self.capacity = max(int(b) for b in comm.all_gather_bytes(str(len(mine)).encode(), device))
+        wait = comm.all_gather_later(mine, self.capacity, device)
+        return lambda: [rng.unpack(b) for b in wait()]
 
 
 class Snapshots:
     def __init__(self, state: TrainState) -> None:
         self.state = state
         self.stager = Stager()
+        self.rng = RngStreams()
 
     def take(self, device: torch.device, writes: bool) -> Callable[[], Files] | None:
         """Collective: every rank calls it; a rank that ``writes`` gets a deferred copy of the
         checkpoint's files, the others None. What is cheap and changes outside the optimizer
         (step, scheduler, sampler, RNG) is copied now, the tensors when the function is called."""
-        rng_states = comm.all_gather_bytes(to_bytes(rng.capture(device)), device)
+        rng_states = self.rng.start(device)
         if not writes:
             return None
         files = self.state.state_dict()
         small = copy.deepcopy(files[TRAIN_FILE])
-        small["rng"] = [torch.load(io.BytesIO(b), weights_only=True) for b in rng_states]
         weights = files[MODEL_FILE]
         # Buffers (e.g. BatchNorm statistics) may change during the forward pass, not only in
         # optimizer.step(): copy those now. They are small.
@@ -87,7 +98,7 @@ class Snapshots:
             # Keep the model's own key order: a plain state dict, as load_state_dict expects.
             model = {**staged[MODEL_FILE], **now}
             staged[MODEL_FILE] = {k: model[k] for k in weights}
-            return {**staged, TRAIN_FILE: small}
+            return {**staged, TRAIN_FILE: {**small, "rng": rng_states()}}
 
         return copy_tensors
 

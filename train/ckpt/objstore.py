@@ -302,6 +302,13 @@ class FsspecStorage:
         view[:] = data
         return view
 
+    def read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
+        """As LocalStorage.read_into: one ranged GET, its body copied out in order."""
+        data, at = memoryview(self.read_range(name, file, offset, sum(len(v) for v in views))), 0
+        for view in views:
+            view[:] = data[at : at + len(view)]
+            at += len(view)
+
     def clean_temporaries(self, also: str | None = None) -> list[str]:
         """Remove debris at least ``stale_s`` old (``also``: that directory's, whatever its age):
         checkpoint directories without a manifest, and abandoned multipart uploads. Returns what

@@ -14,6 +14,7 @@ The pieces of a tensor tile its rows [0, shape[0]) in order; a file may hold no 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -223,6 +224,43 @@ class _Op:
     dest: memoryview  # where those bytes go
 
 
+def _runs(ops: list[_Op], size: int) -> Iterator[tuple[int, int, int]]:
+    """(first byte, end byte, first block) of each window of consecutive whole blocks that hold
+    ``ops``' bytes (in file order), at most WINDOW_BLOCKS blocks each."""
+    first = count = 0
+    for op in ops:
+        for block in range(op.offset // BLOCK_BYTES, (op.offset + op.length - 1) // BLOCK_BYTES + 1):
+            if count and block < first + count:
+                continue  # already in the window
+            if count and block == first + count and count < WINDOW_BLOCKS:
+                count += 1
+                continue
+            if count:
+                yield first * BLOCK_BYTES, min(size, (first + count) * BLOCK_BYTES), first
+            first, count = block, 1
+    if count:
+        yield first * BLOCK_BYTES, min(size, (first + count) * BLOCK_BYTES), first
+
+
+def _check_pieces(
+    file: str, entry: dict, first_block: int, lo: int, hi: int, pieces: list[memoryview]
+) -> None:
+    """Each block of [lo, hi), read as consecutive ``pieces``, against its manifest checksum."""
+    hasher, block, at = xxhash.xxh3_64(), first_block, lo
+    end = min(hi, (block + 1) * BLOCK_BYTES)
+    for piece in pieces:
+        pos = 0
+        while pos < len(piece):
+            take = min(len(piece) - pos, end - at)
+            hasher.update(piece[pos : pos + take])
+            pos, at = pos + take, at + take
+            if at == end:
+                if hasher.hexdigest() != entry["blocks"][block]:
+                    raise mf.Problem(f"{file}: checksum mismatch in block {block} (corrupt)")
+                hasher.reset()
+                block, end = block + 1, min(hi, (block + 2) * BLOCK_BYTES)
+
+
 class ShardReader:
     """Rows of a sharded checkpoint's tensors, read by byte range and verified by block."""
 
@@ -306,28 +344,44 @@ class ShardReader:
         }
 
     def _fill(self, file: str, ops: list[_Op]) -> None:
-        needed = sorted(
-            {
-                b
-                for op in ops
-                if op.length
-                for b in range(op.offset // BLOCK_BYTES, (op.offset + op.length - 1) // BLOCK_BYTES + 1)
-            }
-        )
-        runs: list[tuple[int, int]] = []  # (first block, count), consecutive blocks, bounded
-        for b in needed:
-            if runs and runs[-1][0] + runs[-1][1] == b and runs[-1][1] < WINDOW_BLOCKS:
-                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-            else:
-                runs.append((b, 1))
-        window = memoryview(np.empty(max(c for _, c in runs) * BLOCK_BYTES, dtype=np.uint8)) if runs else None
-        for first_block, count in runs:
-            data = self._read(file, first_block, count, window)
-            lo, hi = first_block * BLOCK_BYTES, first_block * BLOCK_BYTES + len(data)
+        """``ops`` (in file order) from the blocks that hold them: read straight into their
+        destinations, the bytes between them into one reused scratch buffer, then every block
+        checked over its pieces where they landed. Each byte is copied once (a window copied out
+        again would double the memory traffic of a resume). A block that fails leaves bytes in the
+        destinations: they are fresh tensors, restored from only once every rank checked its own."""
+        check_blocks(self.manifest, file)
+        entry = self.manifest["files"][file]
+        ops = [op for op in ops if op.length]
+        for a, b in itertools.pairwise(ops):
+            if b.offset < a.offset + a.length:  # layout() keeps a file's tensors apart: never here
+                raise mf.Problem(f"{file}: overlapping reads")
+        scratch: memoryview | None = None
+        for lo, hi, first_block in _runs(ops, entry["size"]):
+            pieces: list[memoryview] = []
+            gaps = hi - lo - sum(max(0, min(hi, op.offset + op.length) - max(lo, op.offset)) for op in ops)
+            if gaps and scratch is None:  # a window's gaps never exceed the window
+                scratch = memoryview(np.empty(WINDOW_BLOCKS * BLOCK_BYTES, dtype=np.uint8))
+            at, used = lo, 0
             for op in ops:
                 a, b = max(lo, op.offset), min(hi, op.offset + op.length)
-                if a < b:
-                    op.dest[a - op.offset : b - op.offset] = data[a - lo : b - lo]
+                if a >= b:
+                    continue
+                if a > at:
+                    pieces.append(scratch[used : used + a - at])
+                    used += a - at
+                pieces.append(op.dest[a - op.offset : b - op.offset])
+                at = b
+            if at < hi:
+                pieces.append(scratch[used : used + hi - at])
+            try:
+                self.storage.read_into(self.name, file, lo, pieces)
+            except FileNotFoundError:
+                raise mf.Problem(f"{file} is missing") from None
+            except Unreadable as e:
+                raise mf.Problem(f"{file}: {e} (truncated or torn)") from None
+            READ.add(hi - lo)
+            self.bytes_read += hi - lo
+            _check_pieces(file, entry, first_block, lo, hi, pieces)
 
     def read_file(self, file: str) -> Any:
         """A small file of the checkpoint (not a shard), whole, checked and decoded."""

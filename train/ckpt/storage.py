@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 READ_CHUNK = 4 << 20
+IOV_MAX = 1024  # destinations one preadv takes (Linux's limit)
 INVALID_TAG = ".invalid-"
 UNLOCKED_MAX_AGE_S = 3600.0
 _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
@@ -268,18 +269,30 @@ class LocalStorage:
         """``length`` bytes of the file from ``offset`` (a sharded checkpoint's reader takes only
         the rows it needs), into the start of ``into`` if given (a buffer reused from one read to
         the next costs no fresh pages); Unreadable if the file ends before."""
+        view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
+        self.read_into(name, file, offset, [view])
+        return view
+
+    def read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
+        """The file's bytes from ``offset`` on, scattered over ``views`` in order (one system call
+        for many destinations: each byte is copied once, straight where it is kept); Unreadable if
+        the file ends before they are full."""
         fd, st = self._open(name, file)
         try:
+            length = sum(len(v) for v in views)
             if offset + length > st.st_size:
                 raise Unreadable(f"{st.st_size} bytes, read up to {offset + length}", actual=st.st_size)
-            view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
-            got = 0
-            while got < length:
-                n = os.preadv(fd, [view[got : got + READ_CHUNK]], offset + got)
+            todo, i, got = [v for v in views if len(v)], 0, 0
+            while i < len(todo):
+                n = os.preadv(fd, todo[i : i + IOV_MAX], offset + got)
                 if not n:
                     raise Unreadable(f"{offset + got} of {st.st_size} bytes", actual=offset + got)
                 got += n
-            return view
+                while i < len(todo) and n >= len(todo[i]):  # skip what is full, go on inside a partial one
+                    n -= len(todo[i])
+                    i += 1
+                if n:
+                    todo[i] = todo[i][n:]
         finally:
             os.close(fd)
 
