@@ -813,7 +813,7 @@ def main() -> int:
         if f3["resume_s"] is not None:
             table.add("F3", "resume, a 2-rank fsdp job's checkpoint by a 1-rank job (rows by byte range, "
                       "verified by block, restored) / a plain read of its shard files "
-                      f"({fmt_mb(f3['shard_file_bytes'])}), page cache warm",
+                      f"({fmt_mb(f3['shard_file_bytes'])}), page cache warm, best of 3 each",
                       fmt_ms(f3["resume_s"]), fmt_ms(f3["plain_read_s"]),
                       f3["resume_s"] / f3["plain_read_s"], "<= 1.3")  # fmt: skip
         reps, steps = (1, 30) if q else (2, 60)
