@@ -37,6 +37,17 @@ def _copy(name: str, held: list[str], files: list[str], save: str = "a") -> dict
     return {"name": name, "save": save, "files": files, "held": held, "size": 100}
 
 
+def test_the_ring_runs_only_where_ranks_are_numbered_node_by_node() -> None:
+    """Partners are found by rank number: torchrun's numbering, the same ranks on every node."""
+    torchrun = [(r // 2, r % 2, 2) for r in range(6)]
+    assert ring.numbering_problem(torchrun) == ""
+    assert ring.numbering_problem([(0, 0, 1)]) == ""
+    uneven = [(0, 0, 2), (0, 1, 2), (1, 0, 1)]
+    assert "different numbers of ranks (1, 2)" in ring.numbering_problem(uneven)
+    interleaved = [(0, 0, 2), (1, 0, 2), (0, 1, 2), (1, 1, 2)]
+    assert ring.numbering_problem(interleaved) == "rank 1 is local rank 0 of node 1, not 1 of 0"
+
+
 def test_a_step_is_restorable_only_while_the_nodes_together_hold_every_file() -> None:
     files = ["s0", "s1", "s2", "train"]
     found = {  # three nodes of one rank, node 1 lost (a fresh node 1 holds nothing)

@@ -65,6 +65,22 @@ class Ring:
         return sender if self.nodes > 1 and self.sends_to(sender) == rank else None
 
 
+def numbering_problem(placed: list[tuple[int, int, int]]) -> str:
+    """Why Ring's numbering does not hold, or "": ``placed[rank]`` is that rank's (node, local
+    rank, ranks on its node). torchrun numbers ranks node by node; a job whose nodes run different
+    numbers of ranks, or a launcher that numbers them otherwise, would pair the wrong partners."""
+    sizes = {size for _, _, size in placed}
+    if len(sizes) > 1:
+        return f"the nodes run different numbers of ranks ({', '.join(map(str, sorted(sizes)))})"
+    for rank, (node, local_rank, size) in enumerate(placed):
+        expected = (rank // size, rank % size)
+        if (node, local_rank) != expected:
+            return (
+                f"rank {rank} is local rank {local_rank} of node {node}, not {expected[1]} of {expected[0]}"
+            )
+    return ""
+
+
 def group(env: DistEnv, timeout_s: float) -> dist.ProcessGroup | None:
     """Collective: the ring's own gloo group (None on one node: nothing crosses)."""
     if not env.multi_node:

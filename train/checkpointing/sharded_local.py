@@ -49,14 +49,23 @@ class ReplicatedLocalTier:
         self._ring_group = None
         if not self._local_on:
             return
-        ready = comm.all_gather_bytes(b"1" if self.local.writer is not None else b"", self.env.device)
-        self._local_on = all(ready)
+        env = self.env
+        mine = [int(self.local.writer is not None), env.node, env.local_rank, env.local_world_size]
+        said = [json.loads(b) for b in comm.all_gather_bytes(json.dumps(mine).encode(), env.device)]
+        lacking = [r for r, (ok, *_) in enumerate(said) if not ok]
+        numbering = ring.numbering_problem([tuple(placed) for _, *placed in said])
+        self._local_on = not lacking and not numbering
         if not self._local_on:
-            if self.env.rank == 0:
-                lacking = [r for r, ok in enumerate(ready) if not ok]
+            if env.rank == 0 and lacking:
                 log.warning(
                     "node-local checkpoints off: rank %d has no node-local directory (see its log)",
                     lacking[0],
+                )
+            elif env.rank == 0:
+                log.warning(
+                    "node-local checkpoints off: a sharded run's nodes keep each other's shards by rank "
+                    "number, and %s; run the same --nproc_per_node on every node under torchrun",
+                    numbering,
                 )
             return
         # Transfers wait for a partner that copies and checksums its shard first: a bound that
