@@ -213,6 +213,25 @@ def test_a_shard_that_fails_to_write_leaves_its_step_uncommitted_and_the_run_goe
     assert [s for s in ref_losses if ref_losses[s] != losses[s]] == []
 
 
+def test_hsdp_replica_groups_share_a_saves_writes(corpus: Path, tmp_path: Path) -> None:
+    """hsdp, 2 replica groups x 2 shards: shard 1 is written by the second group (rank 3), not by
+    the first (rank 1) - so a write failing on rank 3 leaves its step uncommitted, one on rank 1
+    changes nothing; the other checkpoints hold both shards."""
+    run_dir = tmp_path / "run"
+    hsdp = {"parallel__mode": "hsdp", "parallel__shard_size": 2, "ckpt__interval": 5}
+    faults = "fail_write:save_step=5:rank=3;fail_write:save_step=10:rank=1"
+    result = run_torchrun(
+        tiny_args(run_dir, corpus, max_steps=15, **hsdp), nproc=4, env={"FTJOB_FAULT": faults}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 3 could not write its shard" in result.stderr and "rank 1 could not" not in result.stderr
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert names == ["step_00000010", "step_00000015"], names
+    for name in names:
+        files = sorted(p.name for p in (run_dir / "checkpoints" / name).glob("shard-*"))
+        assert files == ["shard-00000-of-00002.safetensors", "shard-00001-of-00002.safetensors"]
+
+
 def test_a_final_save_that_fails_ends_the_job_retryable_with_the_older_checkpoints_kept(
     corpus: Path, tmp_path: Path
 ) -> None:

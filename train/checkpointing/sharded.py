@@ -2,10 +2,10 @@
 
 A save is a two-phase commit over one temporary directory:
 1. at the step boundary the ranks gather every rank's RNG streams (the save's one collective);
-   each rank that holds shards (the first replica group under hsdp) copies its rows out, as a DDP
-   save does, and its writer thread writes ``shard-<i>-of-<n>.safetensors`` into the step's
-   temporary directory - named by the step and a token the ranks agreed at start, so nobody need
-   be asked at the step; made by whichever rank comes first - durable and read back. Rank 0's
+   each rank that writes a shard (under hsdp shard i's holder in replica group i mod R) copies
+   its rows out, as a DDP save does, and its writer thread writes ``shard-<i>-of-<n>.safetensors``
+   into the step's temporary directory - named by the step and a token the ranks agreed at start,
+   so nobody need be asked at the step; made by whichever rank comes first - durable and read back. Rank 0's
    thread first takes that directory to commit (or finds the step committed already) and also
    writes the train file: step, scheduler, sampler, every rank's RNG;
 2. once the ranks agree that no writer is busy (the step's all-reduce, as for every save), they
@@ -92,7 +92,12 @@ class ShardedCheckpointer(ReplicatedLocalTier, Checkpointer):
                 "each node's own, and a node lost would take its shards with it; use a shared "
                 "filesystem"
             )
-        return replicas.Layout(writes=self.replica == 0, shared=True, local_writes=True)
+        # Under hsdp every replica group holds every shard: shard i is written by replica i mod R,
+        # so that R nodes share a save's bytes instead of the first node writing them all.
+        groups = self.env.world_size // self.shard_count
+        return replicas.Layout(
+            writes=self.replica == self.shard_index % groups, shared=True, local_writes=True
+        )
 
     # -- saving ----------------------------------------------------------------------------------------
     def _snapshot(self, step: int, writes: bool) -> Callable[[], Files] | None:
