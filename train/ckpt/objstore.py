@@ -294,17 +294,18 @@ class FsspecStorage:
     ) -> memoryview:
         """As LocalStorage.read_range: one ranged GET (a sharded checkpoint's reader takes only the
         rows it needs, in windows of a few blocks); Unreadable if the object ends before."""
-        with _calls(f"reading {self.location(name)}/{file}"):
-            data = self.fs.cat_file(self._path(name, file), start=offset, end=offset + length)
-        if len(data) != length:
-            raise Unreadable(f"{len(data)} of {length} bytes at offset {offset}", actual=offset + len(data))
         view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
-        view[:] = data
+        self.read_into(name, file, offset, [view])
         return view
 
     def read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
         """As LocalStorage.read_into: one ranged GET, its body copied out in order."""
-        data, at = memoryview(self.read_range(name, file, offset, sum(len(v) for v in views))), 0
+        length = sum(len(v) for v in views)
+        with _calls(f"reading {self.location(name)}/{file}"):
+            data = memoryview(self.fs.cat_file(self._path(name, file), start=offset, end=offset + length))
+        if len(data) != length:
+            raise Unreadable(f"{len(data)} of {length} bytes at offset {offset}", actual=offset + len(data))
+        at = 0
         for view in views:
             view[:] = data[at : at + len(view)]
             at += len(view)

@@ -16,6 +16,7 @@ def _active() -> bool:
 
 
 Buffer = bytes | bytearray | memoryview
+_LENGTH = 8  # all_gather_later's frame: each rank's length, then its data padded to the capacity
 
 
 def _as_tensor(data: Buffer, device: torch.device) -> torch.Tensor:
@@ -66,9 +67,6 @@ def all_gather_later(data: bytes, capacity: int, device: torch.device) -> Callab
         return out
 
     return wait
-
-
-_LENGTH = 8
 
 
 def mean(value: torch.Tensor) -> torch.Tensor:
