@@ -134,7 +134,7 @@ def train(cfg: config.Config, env: DistEnv) -> int:
             metrics.train_step(
                 state.step, loss, lr, state.sampler.cursor, step_time, env.world_size, env.restart
             )
-            faults.after_step(state.step)
+            faults.after_step(state.step, agreed.busy)
             final = state.step >= cfg.max_steps
             with watchdog.paused():  # saves and evaluation are no steps
                 if checkpointer.after_step(state.step, agreed, final):

@@ -5,9 +5,10 @@
                                                    rank 1 (a node without the checkpoint) receiving
                                                    it from rank 0, whose DIR/node0 save() wrote
     python tests/bench/memory_bench.py local MB DIR  the same checkpoint loaded from its own disk
-    torchrun --nproc_per_node=R tests/bench/memory_bench.py node MB DIR
+    torchrun --nproc_per_node=R tests/bench/memory_bench.py node|nodesent MB DIR
                                                    R ranks of one node resuming from DIR/node0 (X2):
-                                                   each rank's peak beyond what it holds after
+                                                   each rank's peak beyond what it holds after;
+                                                   nodesent: the leader sends it to the others
     python tests/bench/memory_bench.py s3save|s3load MB URL
                                                    the same to / from a --ckpt.dir URL (S4)
 
@@ -139,13 +140,18 @@ def resume(mb: int, root: Path) -> None:
         distributed.teardown()
 
 
-def node(mb: int, root: Path) -> None:
+def node(mb: int, root: Path, sent: bool = False) -> None:
     """Every rank of one node resuming the checkpoint save() wrote to root/node0 (rank 0 writes
-    there, as in the job; the node's other ranks take it from rank 0). Each rank prints its peak
-    RSS beyond what it holds once resumed (the optimizer's moments it did not have before)."""
+    there, as in the job; the node's other ranks read the same file, or with ``sent`` get it from
+    rank 0 over the node's group, as where the copy is in a bucket or on a network filesystem).
+    Each rank prints its peak RSS beyond what it holds once resumed (the optimizer's moments it
+    did not have before)."""
+    from train.checkpointing import fetch
     from train.checkpointing.resume import resume as resume_state
     from train.runtime import dist as distributed
 
+    if sent:  # the node's disk taken for one a network serves: its leader must pass the bytes on
+        fetch.direct = lambda roles, leader: False
     env = distributed.setup("gloo", 120)
     try:
         fresh = build_state(mb, 100 + env.rank, stepped=False)
@@ -234,7 +240,9 @@ if __name__ == "__main__":
     if what.startswith("s3"):
         {"s3save": s3save, "s3load": s3load}[what](mb, where)
     else:
-        {"save": save, "resume": resume, "local": local, "node": node}[what](mb, Path(where))
+        sent = lambda mb, root: node(mb, root, sent=True)  # noqa: E731
+        run = {"save": save, "resume": resume, "local": local, "node": node, "nodesent": sent}[what]
+        run(mb, Path(where))
 
 
 def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:
@@ -272,12 +280,12 @@ def measure(mb: int, work: Path, rounds: int = 5, timeout: float = 600) -> dict:
             }
         )
         shutil.rmtree(where, ignore_errors=True)
-    nodes = {}
-    for ranks in (1, 2, 4):  # X2: a node's memory at resume, whatever its ranks
-        where = work / f"node{ranks}"
+    nodes: dict = {"node": {}, "nodesent": {}}
+    for what, ranks in [("node", 1), ("node", 2), ("node", 4), ("nodesent", 2), ("nodesent", 4)]:
+        where = work / f"{what}{ranks}"  # X2: a node's memory at resume, whatever its ranks
         rows([sys.executable], "save", where / "node0")
         launcher = [*torchrun[:-1], f"--nproc_per_node={ranks}"]
-        nodes[ranks] = rows(launcher, "node", where)
+        nodes[what][ranks] = rows(launcher, what, where)
         shutil.rmtree(where, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     median = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,15 @@ def reference(reference_run) -> Path:
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> tuple[Path, str]:
     """One run SIGKILLed four times, each restart warm: rank 1 and rank 0 mid-training, and twice
-    inside a checkpoint commit (after a file is written; before the rename), async saves."""
+    inside a checkpoint commit (after a file is written; before the rename), async saves. The
+    mid-training kills wait for the save before them to end (``idle=1``): on a loaded machine a
+    save can outlast 5 steps, and the next planned save would then be skipped, its kill never firing."""
     run_dir = tmp_path_factory.mktemp("killed") / "run"
     faults = [
         "await_zygote:step=1",  # the zygote is up before the first kill: every restart is warm
-        "crash:step=15:rank=1",
+        "crash:step=15:rank=1:idle=1",
         "kill:point=ckpt.file_written:save_step=20:restart=1",
-        "crash:step=25:rank=0:restart=2",
+        "crash:step=25:rank=0:restart=2:idle=1",
         "kill:point=ckpt.before_rename:save_step=30:restart=3",
     ]
     result = run_torchrun(
@@ -64,14 +67,15 @@ def test_sigkills_of_any_rank_at_any_point_resume_bit_exact(
     reference: Path, killed: tuple[Path, str]
 ) -> None:
     run_dir, stderr = killed
-    assert "SIGKILL after step 15" in stderr and "SIGKILL after step 25" in stderr
+    assert re.search(r"SIGKILL after step 1[5-9]", stderr) and re.search(r"SIGKILL after step 2[5-9]", stderr)
     assert "SIGKILL at ckpt.file_written" in stderr and "SIGKILL at ckpt.before_rename" in stderr
     # Each resume from the newest committed checkpoint; a torn write (step 20, then 30) never counts.
     resumes = [(r["step"], r["lost_steps"]) for r in metrics_rows(run_dir) if r["kind"] == "resume"]
     assert [step for step, _ in resumes] == [10, 10, 20, 20], resumes
     # A kill in the writer's thread lands while the loop may have run a step past the save.
-    assert resumes[0][1] == 5 and resumes[2][1] == 5 and resumes[1][1] >= 10 and resumes[3][1] >= 10
-    assert "resumed from step 20" in stderr and "5 completed step(s) lost, next step 21" in stderr
+    assert resumes[0][1] >= 5 and resumes[2][1] >= 5 and resumes[1][1] >= 10 and resumes[3][1] >= 10
+    assert "resumed from step 20" in stderr
+    assert re.search(r"\d+ completed step\(s\) lost, next step 21", stderr)
     assert_same_run(reference, run_dir)
 
 

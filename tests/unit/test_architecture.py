@@ -131,6 +131,18 @@ def test_faults_parse_every_documented_example() -> None:
         assert faults.parse(spec)[0]["kind"] == spec.split(":")[0]
 
 
+def test_an_idle_crash_fires_at_the_first_step_from_its_own_that_no_save_runs_at(monkeypatch) -> None:
+    for var in ("RANK", "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    (idle,) = faults.parse("crash:step=25:rank=0:idle=1")
+    assert not faults._due(idle, 24, saving=False)  # never before its step
+    assert not faults._due(idle, 25, saving=True)  # not while a save runs on some rank
+    assert faults._due(idle, 27, saving=False)
+    assert not faults._due(faults.parse("crash:step=25:rank=1:idle=1")[0], 27, saving=False)  # another rank's
+    (plain,) = faults.parse("crash:step=25")
+    assert faults._due(plain, 25, saving=True) and not faults._due(plain, 26, saving=False)
+
+
 def test_a_misspelt_fault_stops_the_job_with_one_line(tmp_path: Path, corpus: Path) -> None:
     from conftest import MAIN, tiny_args
 

@@ -162,3 +162,36 @@ def test_bytes_read_straight_into_their_slot_decode_alike_and_are_not_copied_aga
     assert slotted > 0.8 * 4 * (300 + 35 + 9)  # all but the first buffer's worth landed in place
     if with_targets:
         assert all(out[k] is targets[k] for k in weights)
+
+
+@pytest.mark.parametrize(
+    "file, obj, targets",
+    [
+        ("model.safetensors", MODEL, {"w": torch.zeros(37, 5)}),  # a target, fresh memory, an empty tensor
+        ("optim.safetensors", OPTIM, None),
+        ("train.pt", {"step": 3, "rng": list(range(50))}, None),  # kept whole
+    ],
+)
+def test_any_range_of_a_decoded_file_is_given_back_byte_for_byte(file, obj, targets) -> None:
+    """What a sender builds its chunks from: the header kept, the tensors that hold the rest."""
+    data = serialize(file, obj)
+    decoder = Decoder(file, len(data), targets)
+    for piece in _pieces(data, [5, 60, 61, 200]):
+        decoder.feed(piece)
+    decoder.result()
+    rng = random.Random(1)
+    ranges = [(0, len(data)), (0, 1), (len(data) - 1, 1), (0, 8), (7, 2)]
+    starts = [rng.randrange(len(data)) for _ in range(200)]
+    ranges += [(a, rng.randrange(1, len(data) - a + 1)) for a in starts]
+    for at, n in ranges:
+        into = torch.full((n,), 0xAB, dtype=torch.uint8)
+        decoder.copy_out(at, into)
+        assert into.numpy().tobytes() == data[at : at + n], (at, n)
+
+
+def test_a_file_never_decoded_gives_nothing_back() -> None:
+    data = serialize("model.safetensors", MODEL)
+    decoder = Decoder("model.safetensors", len(data))
+    decoder.feed(_pieces(data, [4])[0])  # the header never completed
+    with pytest.raises(ValueError, match="never decoded"):
+        decoder.copy_out(0, torch.empty(10, dtype=torch.uint8))

@@ -12,6 +12,7 @@ from train.ckpt import objstore
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.manifest import serialize
 from train.ckpt.objstore import FsspecStorage
+from train.ckpt.storage import Unreadable
 
 FILES = {"a.safetensors", "b.safetensors"}
 
@@ -68,3 +69,17 @@ def test_generic_store_debris_is_invisible_then_removed(url: str) -> None:
 def test_bad_urls_are_refused(given: str, problem: str) -> None:
     assert problem in objstore.check_url(given)
     assert objstore.check_url("s3://bucket/prefix") == ""
+
+
+def test_a_streamed_read_hands_on_every_byte_in_order_a_part_at_a_time(url: str) -> None:
+    """What a node's leader reads from a bucket it passes on: never the whole object at once."""
+    store = FsspecStorage(url)
+    data = blobs(10)
+    CheckpointManager(store, keep=2, files=FILES).commit(10, data, {})
+    size = len(data["a.safetensors"])
+    pieces: list[bytes] = []
+    store.stream("step_00000010", "a.safetensors", size, lambda view: pieces.append(bytes(view)))
+    assert b"".join(pieces) == data["a.safetensors"]
+    assert len(pieces) > 1 and max(map(len, pieces)) == objstore.PART
+    with pytest.raises(Unreadable, match="expected"):  # another size than the manifest's: refused unread
+        store.stream("step_00000010", "a.safetensors", size + 1, pieces.append)

@@ -1,24 +1,25 @@
 """One round of the resume's data movement: the chosen checkpoint into every rank, one copy per node.
 
-1. Read. Each node's leader that can see a copy (its own, or a shared directory's) reads it,
-   verifies it against its manifest, decodes it and checks that it fits this job. Where that copy
-   is a file on the node's own disk, the node's other ranks read it at the same time, each straight
-   into the tensors that keep the bytes (a header's worth through a small buffer), verifying what
-   they read: the page cache holds each page once for all of them, so the disk is read once. The
-   leader reads so too unless another node needs its bytes. Every rank waits for the slowest in
+1. Read. Each node's leader that can see a copy (its own, or a shared directory's, or a bucket's)
+   reads it straight into the tensors that keep the bytes (a header's worth through a small
+   buffer; from a bucket, through a few ranged reads' buffers), verifies it against its manifest
+   and checks that it fits this job. Where that copy is a file on the node's own disk, the node's
+   other ranks read it so at the same time: the page cache holds each page once for all of them,
+   so the disk is read once. Every rank waits for the slowest in
    short polls (together.py), however slow the storage, up to ``--ckpt.load-timeout-s``. Then
    every rank learns every outcome; if a copy failed, the round ends here (resume.py tries
    without it).
-2. Send, where a node could not read the copy itself. From memory, at the wire's speed: the
+2. Send, where a node could not read the copy itself. From the sender's tensors (each chunk
+   built from where its bytes were decoded to: on a GPU, in a device buffer), at the wire's speed: the
    source to the leaders of nodes that see no copy (stream.py; a receiving leader hands each chunk
    on to its node's other ranks as it lands), and a leader whose copy is on shared storage or in a
    bucket to its node's other ranks over the node's group (built once per resume, by its members
    only). A receiver decodes each file as it arrives, the weights straight into its model's own
    tensors (train/ckpt/decoder.py), and checks it as a reader does.
 
-So a node pulls one copy from storage or the network, whatever its number of ranks, and holds one
-whole copy in host memory (its leader's) only where it must pass the bytes on; its other ranks
-hold a few chunks each.
+So a node pulls one copy from storage or the network, whatever its number of ranks, and no rank
+holds a whole file beyond the tensors it keeps anyway: a sender a few chunks, a receiver a few
+chunks, a reader one small buffer.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ import xxhash
 from train.checkpointing import snapshot, stream, together
 from train.checkpointing.plan import Copy, Plan, Role, followers, receivers
 from train.ckpt.decoder import Decoder
-from train.ckpt.manager import READ, ByteCounter, CheckpointManager, decode
+from train.ckpt.manager import READ, ByteCounter, CheckpointManager
 from train.ckpt.manifest import Problem
 from train.ckpt.objstore import open_storage
-from train.ckpt.storage import LocalStorage
+from train.ckpt.storage import LocalStorage, Storage
 from train.errors import IncompatibleCheckpointError
 from train.runtime import comm
 from train.runtime import env as env_facts
@@ -117,10 +118,11 @@ def run_round(
     rereads = direct(roles, leader)  # this node's other ranks read the leader's copy themselves
     sending = len(node.ranks) > 1 and not rereads  # else they get it from the leader
     group = node.get() if sending else None  # before any other group: every member is here now
-    work, into_model = _reader(state, managers, plan, roles, env.rank, rereads)
+    sends = (env.rank == leader and sending) or (env.rank == plan.source and bool(receivers(roles)))
+    work, into_model = _reader(state, managers, plan, roles, env.rank, rereads, sends)
     read = together.run(work, limit, f"reading checkpoint {plan.chosen.location}")
-    blobs, objects, problem = read or ({}, {}, "")
-    del read  # ``blobs`` alone holds the leader's copy now
+    images, objects, problem = read or ({}, {}, "")
+    del read
     outcomes, dirty = _gather(env, problem, into_model)
     followed = any(r.kind == "follow" for r in roles)
     if any(outcomes):
@@ -131,7 +133,7 @@ def run_round(
     cross = dist.new_group([plan.source, *remote]) if remote else None  # every rank calls it
     try:
         got = together.run(
-            _send_or_receive(env, state, plan, roles, blobs, group, cross)
+            _send_or_receive(env, state, plan, roles, images, group, cross)
             if role.kind != "follow" or sending
             else None,
             limit,
@@ -140,7 +142,7 @@ def run_round(
     finally:
         if cross is not None:
             dist.destroy_process_group(cross)
-    del blobs  # the leader's whole copy: not two in memory during a next round
+    del images
     if got is not None:
         objects, problem = got
     receives = role.kind == "receive" or (role.kind == "follow" and sending)
@@ -163,68 +165,52 @@ def _reader(
     roles: list[Role],
     rank: int,
     rereads: bool,
+    sends: bool,
 ) -> tuple[Callable[[], tuple[dict, Objects, str]] | None, bool]:
     """This rank's part of the read step, and whether it decodes into its own model: a leader reads
     its copy; where that copy is a file on the node's own disk the node's other ranks read it too,
     at the same time (the page cache holds each page once, whoever asked first: the disk is read
-    once), each verifying what it read. ``rereads``: direct() of this node's leader."""
+    once), each verifying what it read. Every reader reads each byte straight into the tensor that
+    keeps it (on a GPU: through a small host buffer). ``rereads``: direct() of this node's leader;
+    ``sends``: this rank passes its copy on, from those tensors (it keeps each file's Decoder)."""
     role = roles[rank]
     into_model = rank != CLEAN
-    if role.kind in ("own", "copy") and rereads and not (rank == plan.source and receivers(roles)):
-        # Its node reads the file itself and no other node needs its bytes: read into place
-        # too, never the whole file in memory (on a GPU: nothing of it held on the host).
-        return lambda: _read_in_place(state, managers, plan, role, into_model), into_model
     if role.kind in ("own", "copy"):
-        return lambda: _read(state, managers, plan, role), False
+        return lambda: _read_leader(state, managers, plan, role, into_model, sends), into_model
     copy = roles[role.leader].copy if role.kind == "follow" else None
     if copy is None or not rereads:
         return None, False
-    return lambda: ({}, *_reread(state, plan.chosen, copy, REREAD, into_model)), into_model
+    root, _, name = copy.location.rstrip("/").rpartition("/")
+    again = LocalStorage(root)
+    return lambda: ({}, *_read_decoded(state, plan.chosen, again, name, REREAD, into_model)), into_model
 
 
-def _read(
-    state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role
+def _read_leader(
+    state: TrainState,
+    managers: list[CheckpointManager],
+    plan: Plan,
+    role: Role,
+    into_model: bool,
+    sends: bool,
 ) -> tuple[dict, Objects, str]:
-    """A leader's read of its copy: (the files' bytes, decoded, "" or why not usable)."""
+    """A leader's read of its copy: (each file's Decoder if it ``sends``, the files decoded, "" or
+    why not usable), the bytes counted as read from storage."""
     reader, name = _manager_of(managers, role)
-    blobs: dict = {}
-    objects: Objects = {}
-    problem = ""
-    try:
-        manifest, blobs = reader.read_verified(name)
-        if manifest["files"] != plan.chosen.entries:
-            raise Problem("it changed since it was listed")
-        objects = decode(blobs)
-        check(state, plan.chosen.entries, objects)
-    except Problem as p:
-        problem = str(p)
-    except Exception as e:  # an I/O error (EIO, ESTALE...): this copy fails, the round goes on
-        problem = f"{type(e).__name__}: {e}"
-    if role.kind == "own":
-        reader.record(name, problem)
-    return (blobs, objects, "") if not problem else ({}, {}, problem)
-
-
-def _read_in_place(
-    state: TrainState, managers: list[CheckpointManager], plan: Plan, role: Role, into_model: bool
-) -> tuple[dict, Objects, str]:
-    """A leader's read where nothing will be sent from it: as its node's other ranks read (each
-    byte straight to the tensor that keeps it), the bytes counted as read from storage."""
-    reader, name = _manager_of(managers, role)
-    assert role.copy is not None
     try:
         same = reader.manifest(name)["files"] == plan.chosen.entries
         problem = "" if same else "it changed since it was listed"
     except Problem as p:
         problem = str(p)
-    except OSError as e:  # as _read: this copy fails, the round goes on
+    except OSError as e:  # an I/O error (EIO, ESTALE...): this copy fails, the round goes on
         problem = f"{type(e).__name__}: {e}"
     objects: Objects = {}
+    images: dict[str, Decoder] = {}
     if not problem:
-        objects, problem = _reread(state, plan.chosen, role.copy, READ, into_model)
+        kept = images if sends else None
+        objects, problem = _read_decoded(state, plan.chosen, reader.storage, name, READ, into_model, kept)
     if role.kind == "own":
         reader.record(name, problem)
-    return {}, objects, problem
+    return (images, objects, "") if not problem else ({}, {}, problem)
 
 
 def _manager_of(managers: list[CheckpointManager], role: Role) -> tuple[CheckpointManager, str]:
@@ -251,7 +237,7 @@ def _send_or_receive(
     state: TrainState,
     plan: Plan,
     roles: list[Role],
-    blobs: dict,
+    images: dict[str, Decoder],
     node: dist.ProcessGroup | None,
     cross: dist.ProcessGroup | None,
 ) -> Callable[[], tuple[Objects, str] | None] | None:
@@ -267,9 +253,9 @@ def _send_or_receive(
         return lambda: _receive(env, state, plan.chosen, plan.source, cross, node if mine else None)
     sends = []
     if rank == plan.source and cross is not None:
-        sends.append(lambda: stream.Relay(sizes, env.device, rank, cross).finish(blobs))
+        sends.append(lambda: stream.send_files(images, sizes, env.device, rank, cross))
     if mine:
-        sends.append(lambda: stream.Relay(sizes, env.device, rank, node).finish(blobs))
+        sends.append(lambda: stream.send_files(images, sizes, env.device, rank, node))
     if not sends:
         return None
 
@@ -284,14 +270,17 @@ def _send_or_receive(
     return send_all
 
 
-def _reread(
-    state: TrainState, chosen: Copy, copy: Copy, counter: ByteCounter, into_model: bool
+def _read_decoded(
+    state: TrainState,
+    chosen: Copy,
+    storage: Storage,
+    name: str,
+    counter: ByteCounter,
+    into_model: bool,
+    images: dict[str, Decoder] | None = None,
 ) -> tuple[Objects, str]:
-    """The leader's copy read by another rank of its node, in pieces: each read straight into the
-    tensor it belongs to where the decoder has one on the host (Decoder.slot), else through one
-    small buffer; checked as the leader's is."""
-    root, _, name = copy.location.rstrip("/").rpartition("/")
-    storage = LocalStorage(root)
+    """A copy read in pieces: each straight into the tensor it belongs to where the decoder has
+    one on the host (Decoder.slot), else through one small buffer; checked as it is read."""
 
     def feed_file(file: str, size: int, decoder: Decoder) -> str:
         hasher = xxhash.xxh3_64()
@@ -305,7 +294,7 @@ def _reread(
         storage.stream(name, file, size, piece, into=decoder.slot)
         return hasher.hexdigest()
 
-    return _decoded(state, chosen, feed_file, "as read again", into_model)
+    return _decoded(state, chosen, feed_file, "as read", into_model, images)
 
 
 def _receive(
@@ -338,11 +327,17 @@ FeedFile = Callable[[str, int, Decoder], str]  # (file, size, its decoder) -> th
 
 
 def _decoded(
-    state: TrainState, chosen: Copy, feed_file: FeedFile, how: str, into_model: bool
+    state: TrainState,
+    chosen: Copy,
+    feed_file: FeedFile,
+    how: str,
+    into_model: bool,
+    images: dict[str, Decoder] | None = None,
 ) -> tuple[Objects, str]:
     """Each file decoded as its bytes arrive (``feed_file`` hands them on and returns their
     checksum), with ``into_model`` the model's part straight into the model's own tensors: no
-    copy of the checkpoint is ever whole in memory here. If it then fails to verify, the model
+    copy of the checkpoint is ever whole in memory here (``images``: each file's Decoder, kept to
+    pass the file on from where it landed). If it then fails to verify, the model
     holds part of it: resume() starts such models again from rank CLEAN's, which never decodes
     into its own (its model file goes to fresh memory, copied in only by a restore)."""
     objects: Objects = {}
@@ -360,6 +355,8 @@ def _decoded(
             continue
         try:
             objects[file] = decoder.result()
+            if images is not None:
+                images[file] = decoder
         except Exception as e:  # as decode() does: whatever a malformed file raises
             problems.append(f"{file} does not deserialise: {str(e)[:200] or type(e).__name__}")
     if not problems:

@@ -1,22 +1,24 @@
 """A file's bytes from one rank to a group of others, in chunks, decoded as they land.
 
-Both sides cut a file of known size into the same fixed chunks. A Sender broadcasts each chunk as
-soon as it has it: from a file read whole (the resume sends only what its reader verified), or
-from a read still under way (``progress``), so that reading and sending overlap. A receiver cycles through a
-few chunk buffers: each chunk that lands is handed on (to a train.ckpt.decoder, which copies
-its bytes into the tensors that will hold them) and checksummed on a thread while the next
-arrives. So receiving costs little more than the sender's read, and never holds a whole file.
-Only the chunk travels on a GPU backend (one reusable CHUNK-sized device buffer).
+Both sides cut a file of known size into the same fixed chunks. A Sender broadcasts each chunk
+built from the tensors its rank decoded the file into (the resume sends only what its reader
+verified and kept), a few chunks in flight: the sender never holds the file whole either. A
+receiver cycles through a few chunk buffers: each chunk that lands is handed on (to a
+train.ckpt.decoder, which copies its bytes into the tensors that will hold them) and checksummed
+on a thread while the next arrives. So receiving costs little more than the wire, and never holds
+a whole file. Only the chunk travels on a GPU backend (one reusable CHUNK-sized device buffer).
 
-A sender whose read fails half way still sends every chunk (zeros for what it does not have), so
+A sender that cannot build a chunk still sends every chunk (zeros for what it does not have), so
 the receivers' collectives line up; their checksum then fails, and the caller decides again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from train.ckpt import manifest as mf
 
+log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # small enough to start sending early, big enough for gloo's full speed
 WINDOW = 2  # chunks in flight on a CPU backend
 RING = WINDOW + 2  # a receiver's host chunks: in flight, being checksummed, free
@@ -66,38 +69,39 @@ class _Chunks:
             self._land()
 
 
+class Image(Protocol):
+    """A file this rank decoded, able to give back any of its bytes (train.ckpt.decoder.Decoder)."""
+
+    def copy_out(self, at: int, into: torch.Tensor) -> None: ...
+
+
 class Sender(_Chunks):
-    """Feed it the file's pieces in order (``progress``), then ``finish`` with the whole file."""
+    """Sends one file, every chunk built from where this rank decoded it (``Image.copy_out``): from
+    the tensors that keep its bytes, so that no copy of it is ever whole in memory here - on a GPU
+    backend straight into the device chunk, nothing of it on the host."""
 
-    def __init__(self, size: int, device: torch.device, src: int, group: dist.ProcessGroup):
-        super().__init__(size, device, src, group)
-        self._read = 0
-        self._parent: np.ndarray | None = None
-
-    def progress(self, piece: memoryview) -> None:
-        """A piece of the file, read into the buffer the whole file is read into (piece.obj)."""
-        self._read += len(piece)
-        parent = piece.obj if isinstance(piece.obj, np.ndarray) else None
-        if parent is None or parent.ndim != 1 or parent.nbytes < self.size:
-            return  # not a view of the file's buffer: everything goes at finish()
-        self._parent = parent
-        # Never past the size the receivers expect (a file that changed since it was listed).
-        while self.done + CHUNK <= min(self._read, self.size):
-            self._broadcast(parent[self.done : self.done + CHUNK], sending=True)
-
-    def finish(self, data: bytes | memoryview | None) -> None:
-        """Send the rest: from ``data`` (the file as read), or zeros where the read failed."""
-        whole = np.frombuffer(data, dtype=np.uint8) if data is not None and len(data) == self.size else None
-        if whole is None and self._parent is not None:
-            whole = self._parent[: min(self._read, self.size)]
-        zeros = None
+    def send(self, image: Image) -> None:
+        host = self._staging is None
+        ring = [np.empty(min(CHUNK, self.size), dtype=np.uint8) for _ in range(RING if host else 0)]
+        index, failed = 0, False
         while self.done < self.size:
-            end = min(self.done + CHUNK, self.size)
-            if whole is not None and end <= len(whole):
-                self._broadcast(whole[self.done : end], sending=True)
+            n = min(CHUNK, self.size - self.done)
+            # A buffer of the ring is refilled only once its broadcast landed (WINDOW < RING).
+            chunk = torch.from_numpy(ring[index % RING][:n]) if host else self._staging[:n]
+            try:
+                image.copy_out(self.done, chunk)
+            except Exception as e:  # never leave the receivers waiting: zeros, their checksum refuses them
+                if not failed:
+                    why = f"{type(e).__name__}: {e}"
+                    log.warning("could not send a checkpoint file from byte %d: %s", self.done, why)
+                failed = True
+                chunk.zero_()
+            if host:
+                self._broadcast(chunk.numpy(), sending=True)
             else:
-                zeros = zeros if zeros is not None else np.zeros(CHUNK, dtype=np.uint8)
-                self._broadcast(zeros[: end - self.done], sending=True)
+                dist.broadcast(chunk, self.src, group=self.group)
+                self.done += n
+            index += 1
         self.drain()
 
 
@@ -149,24 +153,10 @@ class Forward:
         dist.broadcast(staged, self.src, group=self.group)
 
 
-class Relay:
-    """Sends a checkpoint's files, in ``sizes``' order, while a reader reads them in that order:
-    hand it each piece read (``piece``), then ``finish`` with whatever the read produced."""
-
-    def __init__(self, sizes: dict[str, int], device: torch.device, src: int, group: dist.ProcessGroup):
-        self._senders = [(f, Sender(size, device, src, group)) for f, size in sizes.items()]
-        self._current = 0
-
-    def piece(self, file: str, piece: memoryview) -> None:
-        names = [f for f, _ in self._senders]
-        if file not in names[self._current :]:
-            raise ValueError(f"{file} read out of the manifest's order")
-        while names[self._current] != file:  # the previous file is read in full: send its tail
-            self._senders[self._current][1].finish(None)
-            self._current += 1
-        self._senders[self._current][1].progress(piece)
-
-    def finish(self, files: dict) -> None:
-        for f, sender in self._senders[self._current :]:
-            sender.finish(files.get(f))
-        self._current = len(self._senders)
+def send_files(
+    images: dict[str, Image], sizes: dict[str, int], device: torch.device, src: int, group: dist.ProcessGroup
+) -> None:
+    """A checkpoint's files, in ``sizes``' order (the receivers take them so), from this rank's
+    decoded copy of each."""
+    for file, size in sizes.items():
+        Sender(size, device, src, group).send(images[file])

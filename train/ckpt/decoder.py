@@ -17,6 +17,7 @@ caller's pieces must keep arriving); ``result`` raises ValueError with the reaso
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,6 +79,31 @@ class Decoder:
         if self._places is None:
             raise ValueError("the header never completed")
         return assemble(self._tensors, self._metadata)
+
+    def copy_out(self, at: int, into: torch.Tensor) -> None:
+        """The file's bytes from offset ``at`` into ``into`` (1-D uint8, any device), taken from
+        where they were decoded to - the header kept here, the tensors that hold the rest - so that
+        a rank can pass a file on without keeping it whole. For a file that decoded; its tensors
+        must not have changed since (a receiver's checksum would catch it). Thread-safe: reads only."""
+        end = at + into.numel()
+        if self._whole is not None:
+            into.copy_(torch.from_numpy(self._whole[at:end]))
+            return
+        places = self._places
+        if places is None or end > self.size:
+            raise ValueError(f"bytes [{at}, {end}) of {self.file} were never decoded")
+        head = len(self._head)
+        if at < head:
+            n = min(head, end) - at
+            into[:n].copy_(torch.frombuffer(self._head, dtype=torch.uint8, count=n, offset=at))
+        # The tensors tile the rest of the file exactly (codec.layout): no gap to fill.
+        i = max(bisect.bisect_right(places, at, key=lambda p: p[0]) - 1, 0)
+        while i < len(places) and places[i][0] < end:
+            start, stop, held = places[i]
+            a, b = max(start, at), min(stop, end)
+            if a < b:
+                into[a - at : b - at].copy_(held[a - start : b - start])
+            i += 1
 
     def _take_header(self, piece: torch.Tensor) -> int:
         """Bytes of ``piece`` that belong to the header; sets up the places once it is complete."""

@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import xxhash
 
-from train.ckpt import hooks, s3_transfer
+from train.ckpt import hooks, s3_transfer, storage
 from train.ckpt.fs import plain as _plain
-from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage, Unreadable, check_size
+from train.ckpt.storage import INVALID_TAG, TMP_PREFIX, LocalStorage, RangedReads, Unreadable, check_size
 
 MANIFEST = "manifest.json"  # the commit point (train.ckpt.manifest.MANIFEST)
 MANIFEST_LIMIT = 16 << 20  # train.ckpt.manifest.MANIFEST_LIMIT
@@ -128,7 +128,7 @@ class _PendingWrite:
             self.store.fs.rm(self.written)
 
 
-class FsspecStorage:
+class FsspecStorage(RangedReads):
     def __init__(self, url: str, stale_s: float = STALE_S, fs=None):
         import fsspec  # an optional dependency: only for a --ckpt.dir that is a URL
 
@@ -251,16 +251,31 @@ class FsspecStorage:
                 on_chunk(view[start : start + len(data)])
         return view[:got]
 
+    def stream(
+        self, name: str, file: str, size: int, on_chunk: storage.OnChunk, into: storage.Into = None
+    ) -> None:
+        """As LocalStorage.stream, never the whole object in memory: IN_FLIGHT ranged reads run
+        ahead into buffers of this method's (so ``into`` is not used)."""
+        hooks.point("ckpt.file_read")
+        self._through(name, file, size, on_chunk)
+
     def digest(self, name: str, file: str, size: int) -> str:
         """xxh3_64 of the object, streamed (verifying an upload holds no copy of it)."""
-        check_size(int(self._info(name, file)["size"]), size, None)
-        hasher, path = xxhash.xxh3_64(), self._path(name, file)
-        with _calls(f"reading {self.location(name)}/{file}"):
-            for data in (
-                s3_transfer.stream(self.fs, path) if self.s3 else (d for _, d in self._chunks(path, size))
-            ):
-                hasher.update(data)
+        hasher = xxhash.xxh3_64()
+        self._through(name, file, size, hasher.update)
         return hasher.hexdigest()
+
+    def _through(self, name: str, file: str, size: int, on_chunk: storage.OnChunk) -> None:
+        check_size(int(self._info(name, file)["size"]), size, None)
+        path = self._path(name, file)
+        if self.s3:
+            with _calls(f"reading {self.location(name)}/{file}"):
+                s3_transfer.read_through(self.fs, path, size, PART, IN_FLIGHT, on_chunk)
+            return
+        for start, data in self._chunks(path, size):
+            if len(data) != min(PART, size - start):
+                raise Unreadable(f"changed while read ({len(data)} bytes at offset {start})")
+            on_chunk(memoryview(bytearray(data)))  # writable, as LocalStorage's pieces are
 
     # -- removing ------------------------------------------------------------------------------
     def _remove(self, name: str, files: list[str]) -> None:
@@ -289,17 +304,9 @@ class FsspecStorage:
         with _calls(f"copying {self.location(name)}/{file}"):
             self.fs.copy(self._path(name, file), self._path(target, file))
 
-    def read_range(
-        self, name: str, file: str, offset: int, length: int, into: memoryview | None = None
-    ) -> memoryview:
-        """As LocalStorage.read_range: one ranged GET (a sharded checkpoint's reader takes only the
-        rows it needs, in windows of a few blocks); Unreadable if the object ends before."""
-        view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
-        self.read_into(name, file, offset, [view])
-        return view
-
     def read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
-        """As LocalStorage.read_into: one ranged GET, its body copied out in order."""
+        """As LocalStorage.read_into: one ranged GET (read_range's too: a sharded checkpoint's
+        reader takes only the rows it needs, in windows of a few blocks), its body copied out."""
         length = sum(len(v) for v in views)
         with _calls(f"reading {self.location(name)}/{file}"):
             data = memoryview(self.fs.cat_file(self._path(name, file), start=offset, end=offset + length))

@@ -14,8 +14,6 @@ import io
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
-from fsspec.asyn import sync
-
 READ_PIECE = 1 << 20
 
 
@@ -131,42 +129,55 @@ def read_into(
     on_chunk: Callable[[memoryview], object] | None,
 ) -> int:
     """Fill ``view`` (the whole object) with ranged GETs; ``on_chunk`` sees each range, in order."""
+    return _ranged(fs, path, len(view), part, in_flight, lambda start, n: view[start : start + n], on_chunk)
+
+
+def read_through(
+    fs, path: str, size: int, part: int, in_flight: int, on_chunk: Callable[[memoryview], object]
+) -> int:
+    """The object's ``size`` bytes in order, each range handed to ``on_chunk`` in a buffer reused
+    once the call returned (in_flight + 1 of ``part`` bytes in all: never the whole object)."""
+    ring = [memoryview(bytearray(min(part, size))) for _ in range(min(in_flight + 1, -(-size // part)))]
+    into = lambda start, n: ring[start // part % len(ring)][:n]  # noqa: E731
+    return _ranged(fs, path, size, part, in_flight, into, on_chunk)
+
+
+def _ranged(
+    fs,
+    path: str,
+    size: int,
+    part: int,
+    in_flight: int,
+    into: Callable[[int, int], memoryview],
+    on_chunk: Callable[[memoryview], object] | None,
+) -> int:
+    """Ranged GETs of ``part`` bytes, ``in_flight`` at once, each into ``into(start, length)``;
+    ``on_chunk`` sees each range in order once it landed (before range start + in_flight * part
+    is asked for: a buffer it saw may be reused from then on)."""
     bucket, key, _ = fs.split_path(path)
-    pending: list[tuple[int, int, Future]] = []
+    pending: list[tuple[int, memoryview, Future]] = []
     got = 0
 
     def finish() -> None:
         nonlocal got
-        start, length, fut = pending.pop(0)
+        start, view, fut = pending.pop(0)
         n = fut.result()
-        if n != length:
-            raise OSError(f"{path}: {n} bytes at offset {start}, expected {length} (changed while read?)")
+        if n != len(view):
+            raise OSError(f"{path}: {n} bytes at offset {start}, expected {len(view)} (changed while read?)")
         got += n
         if on_chunk is not None:
-            on_chunk(view[start : start + n])
+            on_chunk(view)
 
     try:
-        for start in range(0, len(view), part):
-            length = min(part, len(view) - start)
-            coro = _get_into(fs, bucket, key, start, view[start : start + length])
-            pending.append((start, length, asyncio.run_coroutine_threadsafe(coro, fs.loop)))
+        for start in range(0, size, part):
             if len(pending) >= in_flight:
                 finish()
+            view = into(start, min(part, size - start))
+            coro = _get_into(fs, bucket, key, start, view)
+            pending.append((start, view, asyncio.run_coroutine_threadsafe(coro, fs.loop)))
         while pending:
             finish()
     finally:
         for _, _, fut in pending:
             fut.cancel()
     return got
-
-
-def stream(fs, path: str) -> Iterator[bytes]:
-    """The object's bytes in order, READ_PIECE at a time, through one GET (a checksum's read-back)."""
-    bucket, key, _ = fs.split_path(path)
-    reply = sync(fs.loop, fs._call_s3, "get_object", Bucket=bucket, Key=key)
-    body = reply["Body"]
-    try:
-        while data := sync(fs.loop, body.read, READ_PIECE):
-            yield data
-    finally:
-        body.close()

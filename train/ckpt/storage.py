@@ -66,6 +66,10 @@ _FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 log = logging.getLogger(__name__)
 
 
+OnChunk = Callable[[memoryview], object]  # a piece of a file read, in order
+Into = Callable[[int], memoryview | None] | None  # where the bytes from an offset on may be read to
+
+
 class PendingWrite(Protocol):
     def write(self, file: str, data: bytes | memoryview | list[bytes | memoryview]) -> None: ...
     def commit(self) -> None: ...
@@ -84,6 +88,7 @@ class Storage(Protocol):
         size: int | None = None,
         limit: int | None = None,
     ) -> bytes | memoryview: ...
+    def stream(self, name: str, file: str, size: int, on_chunk: OnChunk, into: Into = None) -> None: ...
     def size(self, name: str, file: str) -> int | None: ...
     def delete(self, name: str) -> None: ...
     def set_aside(self, name: str) -> str: ...
@@ -99,7 +104,24 @@ def check_size(actual: int, size: int | None, limit: int | None) -> None:
         raise Unreadable(f"{actual} bytes, more than the {limit} allowed", actual)
 
 
-class LocalStorage:
+class RangedReads:
+    """read_range() for a storage that has read_into()."""
+
+    def read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
+        raise NotImplementedError
+
+    def read_range(
+        self, name: str, file: str, offset: int, length: int, into: memoryview | None = None
+    ) -> memoryview:
+        """``length`` bytes of the file from ``offset`` (a sharded checkpoint's reader takes only
+        the rows it needs), into the start of ``into`` if given (a buffer reused from one read to
+        the next costs no fresh pages); Unreadable if the file ends before."""
+        view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
+        self.read_into(name, file, offset, [view])
+        return view
+
+
+class LocalStorage(RangedReads):
     def __init__(self, root: str | Path):
         # Created on first write: ranks that never write need not see this path at all.
         self.root = Path(root)
@@ -236,14 +258,7 @@ class LocalStorage:
                 got += n
         return view[:got]
 
-    def stream(
-        self,
-        name: str,
-        file: str,
-        size: int,
-        on_chunk: Callable[[memoryview], object],
-        into: Callable[[int], memoryview | None] | None = None,
-    ) -> None:
+    def stream(self, name: str, file: str, size: int, on_chunk: OnChunk, into: Into = None) -> None:
         """The file's bytes in order, through one reused buffer of READ_CHUNK bytes: never the whole
         file in memory. ``into(offset)``: where the bytes from ``offset`` on may be read straight to
         (a writable view, filled from its start), or None (the buffer); ``on_chunk`` then gets a
@@ -262,16 +277,6 @@ class LocalStorage:
                     raise Unreadable(f"{got} of {size} bytes", actual=got)
                 on_chunk(target[:n])
                 got += n
-
-    def read_range(
-        self, name: str, file: str, offset: int, length: int, into: memoryview | None = None
-    ) -> memoryview:
-        """``length`` bytes of the file from ``offset`` (a sharded checkpoint's reader takes only
-        the rows it needs), into the start of ``into`` if given (a buffer reused from one read to
-        the next costs no fresh pages); Unreadable if the file ends before."""
-        view = into[:length] if into is not None else memoryview(np.empty(length, dtype=np.uint8))
-        self.read_into(name, file, offset, [view])
-        return view
 
     def read_into(self, name: str, file: str, offset: int, views: list[memoryview]) -> None:
         """The file's bytes from ``offset`` on, scattered over ``views`` in order (one system call

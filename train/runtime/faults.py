@@ -3,6 +3,9 @@
 FTJOB_FAULT is a ';'-separated list of faults, each ``kind[:key=value]...``:
 
   crash:step=50:rank=1        SIGKILL this rank right after it completes step 50
+  crash:step=50:idle=1        the same at the first step from 50 on that no rank is saving at (the
+                              step's agreement says so): a test's planned kill that must land
+                              between saves, however slow the machine makes them
   hang:step=30:rank=0         stop making progress after step 30 (sleep forever)
   slow:rank=1:ms=200          sleep 200 ms after every step on rank 1
   await_zygote:step=1         after step 1, wait (up to 120 s) until this node's warm-start zygote
@@ -43,7 +46,7 @@ log = logging.getLogger(__name__)
 
 _MATCH = ("rank", "restart", "once")  # every kind takes these
 KINDS = {
-    "crash": ("step",),
+    "crash": ("step", "idle"),
     "hang": ("step",),
     "slow": ("step", "ms"),
     "await_zygote": ("step",),
@@ -94,7 +97,7 @@ def _matches(fault: dict[str, str], **ctx: int | str) -> bool:
     launch = env.launch()
     known = {"rank": launch.rank, "restart": launch.restart}
     for key, want in fault.items():
-        if key in ("kind", "ms", "once") or want == "any":
+        if key in ("kind", "ms", "once", "idle") or want == "any":
             continue
         have = ctx.get(key, _context.get(key, known.get(key)))
         if have is None or str(have) != want:
@@ -139,10 +142,18 @@ def _point(name: str) -> None:
             time.sleep(float(fault.get("ms", "1000")) / 1000)
 
 
-def after_step(step: int) -> None:
-    """The step-boundary faults (nothing when none is installed)."""
+def _due(fault: dict[str, str], step: int, saving: bool) -> bool:
+    if fault.get("idle") == "1":  # from its step on, at the first boundary no save is running at
+        rest = {k: v for k, v in fault.items() if k not in ("step", "idle")}
+        return not saving and step >= int(fault.get("step", "0")) and _matches(rest)
+    return _matches(fault, step=step)
+
+
+def after_step(step: int, saving: bool = False) -> None:
+    """The step-boundary faults (nothing when none is installed). ``saving``: the step's agreement
+    says a save is still running on some rank."""
     for fault in _faults:
-        if fault["kind"] not in _STEP_KINDS or not _matches(fault, step=step):
+        if fault["kind"] not in _STEP_KINDS or not _due(fault, step, saving):
             continue
         if fault["kind"] == "crash":
             _kill(f"after step {step}")
