@@ -15,11 +15,13 @@ The model of one restart, every node resuming the same checkpoint of B bytes:
 - now: one rank a node (its leader) reads, checksumming while it reads. When its copy is on the
   node's own disk the node's other R-1 ranks read the same file at the same time (the page cache
   holds each page once: the disk is read once), every rank, the leader too, straight into the
-  tensors that keep the bytes; from shared storage or the network the leader reads its copy whole,
-  decodes it, and the others get the bytes from it over the node's
-  group and decode as they land. gloo's broadcast is a binomial tree (gloo/broadcast.cc: whoever
-  has a chunk sends it on, so the leader sends ceil(log2 R) copies, not R-1), cut into the stream's
-  16 MiB chunks. Host memory at the peak: the leader's copy (B) and a few chunks per rank.
+  tensors that keep the bytes; from shared storage or the network the leader reads its copy into
+  its own tensors (from a bucket through 5 ranged reads' buffers of 16 MiB), and the others get
+  the bytes from it over the node's group, each chunk built from the leader's tensors, and decode
+  as they land. gloo's broadcast is a binomial tree (gloo/broadcast.cc: whoever has a chunk sends
+  it on, so the leader sends ceil(log2 R) copies, not R-1), cut into the stream's 16 MiB chunks.
+  Host memory at the peak beyond the tensors the ranks keep: a few chunks per rank (the leader's
+  read buffers and its send ring, 4 chunks each other rank), never a whole file.
 
 Storage is shared by N nodes: a node reads at min(its own link, the aggregate / the nodes reading
 at once). The local NVMe case assumes every node holds its own copy (replicas, the node-local
@@ -108,7 +110,7 @@ def _resume(b: float, n: int, storage: str, rates: dict[str, float], hw: dict[st
     elif new:
         spread = _tree(RANKS - 1) * b / (rates["wire"] * GB)  # leader -> the node's other ranks, loopback
         seconds = read + cpu + spread
-        memory = b + (RANKS - 1) * 4 * 16 * (1 << 20)
+        memory = (5 + 4) * 16 * (1 << 20) + (RANKS - 1) * 4 * 16 * (1 << 20)  # chunks, whatever b
     else:
         seconds = read + cpu  # the ranks read at once: the link's share is in ``read``
         memory = RANKS * 2 * b  # each rank: the file and its decoded copy

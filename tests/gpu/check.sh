@@ -58,7 +58,8 @@ fsdp() { killed_and_resumed fsdp "crash:step=50:rank=0" --parallel.mode fsdp --p
 p1p2() { python3 tests/gpu/p1p2.py --device "$DEVICE" --mb 50 500 | tee "$OUT/p1p2.txt"; }
 # A follower's or receiver's decode on CUDA (issue 23 item 2; one GPU cannot run two nccl ranks, so
 # the decoder is driven directly): the optimizer's moments are made on the GPU as the pieces
-# arrive, the host holds the pieces only. Fails if the host grew by more than 10% of the file.
+# arrive, the host holds the pieces only; then, as a sender does, the file is built back from them
+# chunk by chunk into a device buffer. Fails if the host grew by more than 10% of the file.
 decode() {
   python3 - "$DEVICE" <<'PY'
 import sys, numpy as np, torch
@@ -79,12 +80,19 @@ decoder = Decoder("optim.safetensors", len(data), None, device)
 for at in range(0, len(data), 16 << 20):
     decoder.feed(torch.from_numpy(view[at : at + (16 << 20)].copy()))
 out = decoder.result()
+# A sender passes the file on from there (stream.Sender): each chunk built in a device buffer.
+chunk, sent_back = torch.empty(16 << 20, dtype=torch.uint8, device=device), True
+for at in range(0, len(data), 16 << 20):
+    n = min(16 << 20, len(data) - at)
+    decoder.copy_out(at, chunk[:n])
+    sent_back = sent_back and torch.equal(chunk[:n].cpu(), torch.from_numpy(view[at : at + n]))
 grown = hwm() - before
 same = all(torch.equal(out["state"][i][k].cpu(), optim["state"][i][k]) for i in range(4) for k in ("exp_avg", "exp_avg_sq"))
 on = out["state"][0]["exp_avg"].device
 print(f"decode on {device}: {len(data) / 1e6:.0f} MB file, host peak grew {grown / 1e6:.0f} MB, equal: {same}, "
-      f"moments on {on}, step on {out['state'][0]['step'].device}")
-sys.exit(0 if same and (device.type == "cpu" or (grown < 0.1 * len(data) and on.type == "cuda")) else 1)
+      f"moments on {on}, step on {out['state'][0]['step'].device}; built back into device chunks: {sent_back}")
+ok = same and sent_back
+sys.exit(0 if ok and (device.type == "cpu" or (grown < 0.1 * len(data) and on.type == "cuda")) else 1)
 PY
 }
 
