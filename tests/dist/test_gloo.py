@@ -575,3 +575,49 @@ def test_every_node_takes_rank_0s_run_id_and_no_other_runs_local_copy(tmp_path):
     # Rank 1's step 9 belongs to another run: both ranks take the durable step 3 instead.
     assert r0["step"] == r1["step"] == 3
     assert any("belongs to another run" in line for line in lines)
+def _new_rank_0_worker(env, run_dirs: list[str], durable_id: str) -> dict:
+    """Node 0 is a new machine (empty run dir); node 1 holds run X: its id, a durable step 3 stamped
+    ``durable_id``, and a newer node-local step 5 stamped X."""
+    from train.checkpointing.local_tier import LocalTier, agree_run_id
+    from train.checkpointing.resume import resume
+    from train.ckpt.manager import CheckpointManager
+    from train.ckpt.storage import LocalStorage
+    from train.config import CkptConfig
+
+    own, run = Path(run_dirs[env.rank]), "a" * 32
+    local = own.parent / "local"
+    state = _tiny_state(seed=10)
+    _train_a_little(state, steps=3)
+    writes = Snapshots(state).take(env.device, True)()  # collective; staging of its own
+    _train_a_little(state, steps=2)
+    newer = Snapshots(state).take(env.device, True)()
+    if env.rank == 1:
+        own.mkdir(parents=True)
+        (own / ".run-id").write_text(run + "\n")
+        _manager(str(own)).save(3, writes, {"fingerprint": FINGERPRINT, "run_id": durable_id})
+        meta = {"fingerprint": FINGERPRINT, "run_id": run}
+        CheckpointManager(LocalStorage(local / run), keep=1).save(5, newer, meta)
+    dist.barrier()
+    rid = agree_run_id(own, env, keeps=True, durable=_manager(str(own)))
+    tier = LocalTier(CkptConfig(local_interval=5, local_dir=str(local)), own, True, rid)
+    fresh = _tiny_state(seed=500)
+    resumed = resume(_manager(str(own)), fresh, env, FINGERPRINT, True, tier.manager, False, own, rid)
+    return {"rid": rid, "file": (own / ".run-id").read_text().strip(), "step": resumed and resumed.step}
+
+
+def test_a_new_rank_0_continues_the_run_the_other_nodes_and_its_durable_checkpoints_carry(tmp_path):
+    nodes = {"LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": "{rank}"}
+    run = "a" * 32
+    dirs = [str(tmp_path / "x" / "node0" / "run"), str(tmp_path / "x" / "node1" / "run")]
+    (r0, lines), (r1, _) = run_group(_new_rank_0_worker, dirs, run, extra_env=nodes)
+    assert r0["rid"] == r1["rid"] == r0["file"] == r1["file"] == run
+    assert r0["step"] == r1["step"] == 5  # node 1's node-local copy, newer than any durable one
+    assert any("had no run id: continuing run " + run in line for line in lines)
+    # Node 1's durable checkpoint is another run's: no proof that the job continues node 1's run
+    # (it may be an old one, never wiped): rank 0's new id wins, node 1's local copy is not taken.
+    dirs = [str(tmp_path / "y" / "node0" / "run"), str(tmp_path / "y" / "node1" / "run")]
+    (r0, _), (r1, _) = run_group(_new_rank_0_worker, dirs, "b" * 32, extra_env=nodes)
+    assert r0["rid"] == r1["rid"] == r1["file"] != run
+    assert r0["step"] == r1["step"] == 3
+
+

@@ -77,7 +77,9 @@ class Checkpointer:
         self.layout = self._layout(where, remote)
         if self.layout.writes:
             _warn_if_shared(self.run_dir, self.manager)
-        self.run_id = agree_run_id(self.run_dir, env, keeps=self.layout.local_writes)
+        # Which run the durable checkpoints belong to: rank 0's say, and each node's where not shared.
+        durable = self.manager if self.layout.writes and (env.rank == 0 or not self.layout.shared) else None
+        self.run_id = agree_run_id(self.run_dir, env, keeps=self.layout.local_writes, durable=durable)
         self.meta["run_id"] = self.run_id
         self.local = LocalTier(cfg.ckpt, self.run_dir, self.layout.local_writes, self.run_id, self.FILES)
         # Always a background thread: with --ckpt.async false each save is waited for at once,

@@ -16,7 +16,9 @@ a new run in a wiped run directory never resumes an old run's local checkpoint a
 prune each other's. The id is rank 0's, agreed at start (``agree_run_id``) and written into every
 node's run directory: a node whose own run directory outlived an older run (not wiped, unlike rank
 0's) takes the job's id, not its old one, and so never that run's checkpoints; the id is also
-stamped in every manifest, and a local copy of another run is never taken (resume.py).
+stamped in every manifest, and a local copy of another run is never taken (resume.py). A rank 0
+on a new machine (empty run directory) takes the other nodes' id instead where a durable
+checkpoint proves the job continues that run (``agree_run_id``).
 The default base is a directory on the RAM disk only this user can enter. A
 run that completes removes its local directory (its final checkpoint is durable); one that is lost
 for good leaves it until reboot. A local save still running after --ckpt.save-timeout-s counts as
@@ -26,6 +28,7 @@ hung storage, like a durable one: no further save could start behind it.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -35,6 +38,7 @@ from pathlib import Path
 
 from train.checkpointing.boundary import Agreement
 from train.checkpointing.policy import free_bytes
+from train.ckpt import manifest as mf
 from train.ckpt.manager import CheckpointManager
 from train.ckpt.storage import LocalStorage
 from train.ckpt.writer import CheckpointWriter
@@ -65,33 +69,81 @@ def run_id(run_dir: Path, create: bool) -> str | None:
     return new
 
 
-def agree_run_id(run_dir: Path, env: DistEnv, keeps: bool) -> str:
+def agree_run_id(run_dir: Path, env: DistEnv, keeps: bool, durable: CheckpointManager | None = None) -> str:
     """Collective: the run's id, rank 0's (made at its first start); "" if rank 0 cannot keep one
-    (no local tier then). ``keeps``: this rank writes it into its node's run directory."""
-    mine = ""
-    if env.rank == 0:
+    (no local tier then). ``keeps``: this rank writes it into its node's run directory; ``durable``:
+    the durable checkpoints this rank writes, whose newest manifest says which run they belong to.
+
+    A rank 0 whose run directory is new (a replaced machine, a wiped disk) takes the id the other
+    nodes hold instead of its new one, if they all hold the same one and a durable checkpoint on
+    some node carries it too: the job resumes that run's durable checkpoints anyway (they count by
+    where they are), so its node-local copies - newer - are that run's as well. Without such a
+    checkpoint the other nodes' ids may be an old run's: rank 0's new one wins, as before."""
+    mine, fresh = "", False
+    if env.rank == 0 or keeps:
         try:
-            mine = run_id(run_dir, create=True) or ""
+            mine = run_id(run_dir, create=False) or ""
+            if env.rank == 0 and not mine:
+                mine, fresh = run_id(run_dir, create=True) or "", True
         except (OSError, Untrusted) as e:
-            log.warning("no run id (%s): node-local checkpoints off", e)
-    agreed = comm.all_gather_bytes(mine.encode(), env.device)[0].decode()
-    if keeps and agreed and env.rank != 0:
+            if env.rank == 0:
+                log.warning("no run id (%s): node-local checkpoints off", e)
+            mine = ""
+    said = json.dumps([mine, fresh, _stamped(durable)]).encode()
+    every = [json.loads(b) for b in comm.all_gather_bytes(said, env.device)]
+    agreed, adopted = _job_id(every)
+    if adopted and env.rank == 0:
+        log.warning(
+            "this node's run directory %s had no run id: continuing run %s, which the other nodes "
+            "and the durable checkpoints carry (their node-local checkpoints count)",
+            run_dir,
+            agreed,
+        )
+    if agreed and agreed != mine and (keeps or env.rank == 0):
+        if mine and not fresh:
+            log.warning(
+                "this node's run directory %s held run id %s; the job's is %s (rank 0's): "
+                "that run's node-local checkpoints are not taken",
+                run_dir,
+                mine,
+                agreed,
+            )
         try:
-            own = run_id(run_dir, create=False)
-            if own != agreed:
-                if own:
-                    log.warning(
-                        "this node's run directory %s held run id %s; the job's is %s (rank 0's): "
-                        "that run's node-local checkpoints are not taken",
-                        run_dir,
-                        own,
-                        agreed,
-                    )
-                run_dir.mkdir(parents=True, exist_ok=True)
-                private.write_replace(run_dir / RUN_ID_FILE, (agreed + "\n").encode())
+            run_dir.mkdir(parents=True, exist_ok=True)
+            private.write_replace(run_dir / RUN_ID_FILE, (agreed + "\n").encode())
         except (OSError, Untrusted) as e:  # the directory is still named by the agreed id
             log.warning("could not record the run id in %s: %s", run_dir, e)
     return agreed
+
+
+def _job_id(every: list[list]) -> tuple[str, bool]:
+    """(the job's run id, whether rank 0 took the other nodes' instead of its fresh one) from every
+    rank's [its id, made just now, the id its newest durable checkpoint carries]."""
+    first, fresh, _ = every[0]
+    if not first or not fresh:
+        return str(first), False
+    held = {str(i) for i, _, _ in every[1:] if i}
+    carried = {str(c) for _, _, c in every if c}
+    if len(held) == 1 and held <= carried:
+        return held.pop(), True
+    return str(first), False
+
+
+def _stamped(durable: CheckpointManager | None) -> str:
+    """The run id the newest durable checkpoint with a readable manifest carries ("" if none)."""
+    if durable is None:
+        return ""
+    try:
+        names = sorted((n for n in durable.storage.names() if mf.step_of(n) is not None), key=mf.step_of)
+        for name in reversed(names):
+            try:
+                stamped = durable.manifest(name).get("run_id")
+            except mf.Problem:
+                continue
+            return stamped if isinstance(stamped, str) and re.fullmatch(r"[0-9a-f]{32}", stamped) else ""
+    except OSError as e:  # the resume lists them again and decides; no proof from here
+        log.debug("durable checkpoints not listed for the run id: %s", e)
+    return ""
 
 
 def local_root(local_dir: str, run_dir: Path, create: bool, rid: str | None = None) -> Path | None:
