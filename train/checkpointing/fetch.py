@@ -123,12 +123,11 @@ def run_round(
     read = together.run(work, limit, f"reading checkpoint {plan.chosen.location}")
     images, objects, problem = read or ({}, {}, "")
     del read
-    outcomes, dirty = _gather(env, problem, into_model)
-    followed = any(r.kind == "follow" for r in roles)
+    outcomes, dirty, awaited = _gather(env, problem, into_model, sending)
     if any(outcomes):
         return Round({}, outcomes, moved=False, dirty=dirty)
     remote = receivers(roles)
-    if not remote and not followed:  # every rank read its own copy
+    if not remote and not awaited:  # every rank read a copy itself: nothing to move
         return Round(objects, outcomes, moved=False, dirty=dirty)
     cross = dist.new_group([plan.source, *remote]) if remote else None  # every rank calls it
     try:
@@ -146,16 +145,20 @@ def run_round(
     if got is not None:
         objects, problem = got
     receives = role.kind == "receive" or (role.kind == "follow" and sending)
-    outcomes, moved_into = _gather(env, problem, receives and env.rank != CLEAN)
+    outcomes, moved_into, _ = _gather(env, problem, receives and env.rank != CLEAN)
     return Round(objects if not any(outcomes) else {}, outcomes, moved=True, dirty=dirty | moved_into)
 
 
-def _gather(env: DistEnv, problem: str, into_model: bool) -> tuple[list[str], frozenset[int]]:
-    """Every rank's outcome ("" or why its copy failed), and the ranks that decoded into their own
-    model (whether they did is known only where they run: a node's mount table decides)."""
-    mine = json.dumps([problem, into_model]).encode()
-    both = [json.loads(b) for b in comm.all_gather_bytes(mine, env.device)]
-    return [str(p) for p, _ in both], frozenset(r for r, (_, dirty) in enumerate(both) if dirty)
+def _gather(
+    env: DistEnv, problem: str, into_model: bool, sending: bool = False
+) -> tuple[list[str], frozenset[int], bool]:
+    """Every rank's outcome ("" or why its copy failed), the ranks that decoded into their own
+    model, and whether any node's leader sends its copy to the node's other ranks (both known only
+    where they run: a node's mount table decides)."""
+    mine = json.dumps([problem, into_model, sending]).encode()
+    said = [json.loads(b) for b in comm.all_gather_bytes(mine, env.device)]
+    dirty = frozenset(r for r, (_, into, _) in enumerate(said) if into)
+    return [str(p) for p, _, _ in said], dirty, any(s for _, _, s in said)
 
 
 def _reader(
