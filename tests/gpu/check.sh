@@ -91,7 +91,7 @@ same = all(torch.equal(out["state"][i][k].cpu(), optim["state"][i][k]) for i in 
 on = out["state"][0]["exp_avg"].device
 print(f"decode on {device}: {len(data) / 1e6:.0f} MB file, host peak grew {grown / 1e6:.0f} MB, equal: {same}, "
       f"moments on {on}, step on {out['state'][0]['step'].device}; built back into device chunks: {sent_back}")
-ok = same and sent_back
+ok = same and sent_back and decoder.on_host == (device.type == "cpu")  # a sender builds on the device
 sys.exit(0 if ok and (device.type == "cpu" or (grown < 0.1 * len(data) and on.type == "cuda")) else 1)
 PY
 }

@@ -18,8 +18,8 @@
    tensors (train/ckpt/decoder.py), and checks it as a reader does.
 
 So a node pulls one copy from storage or the network, whatever its number of ranks, and no rank
-holds a whole file beyond the tensors it keeps anyway: a sender a few chunks, a receiver a few
-chunks, a reader one small buffer.
+holds a checkpoint file whole beyond the tensors it keeps anyway (but the small train file): a
+sender a few chunks, a receiver a few chunks, a reader a 4 MiB buffer (from a bucket, 5 of 16 MiB).
 """
 
 from __future__ import annotations
@@ -174,8 +174,9 @@ def _reader(
     its copy; where that copy is a file on the node's own disk the node's other ranks read it too,
     at the same time (the page cache holds each page once, whoever asked first: the disk is read
     once), each verifying what it read. Every reader reads each byte straight into the tensor that
-    keeps it (on a GPU: through a small host buffer). ``rereads``: direct() of this node's leader;
-    ``sends``: this rank passes its copy on, from those tensors (it keeps each file's Decoder)."""
+    keeps it where it can (on a GPU, or from a bucket: through a few host buffers). ``rereads``:
+    direct() of this node's leader; ``sends``: this rank passes its copy on, from those tensors
+    (it keeps each file's Decoder)."""
     role = roles[rank]
     into_model = rank != CLEAN
     if role.kind in ("own", "copy"):
@@ -283,7 +284,8 @@ def _read_decoded(
     images: dict[str, Decoder] | None = None,
 ) -> tuple[Objects, str]:
     """A copy read in pieces: each straight into the tensor it belongs to where the decoder has
-    one on the host (Decoder.slot), else through one small buffer; checked as it is read."""
+    one on the host and the storage can (Decoder.slot: a local file), else through the storage's
+    buffers (one of 4 MiB; a bucket's 5 of 16 MiB); checked as it is read."""
 
     def feed_file(file: str, size: int, decoder: Decoder) -> str:
         hasher = xxhash.xxh3_64()

@@ -17,7 +17,7 @@ prune each other's. The id is rank 0's, agreed at start (``agree_run_id``) and w
 node's run directory: a node whose own run directory outlived an older run (not wiped, unlike rank
 0's) takes the job's id, not its old one, and so never that run's checkpoints; the id is also
 stamped in every manifest, and a local copy of another run is never taken (resume.py). A rank 0
-on a new machine (empty run directory) takes the other nodes' id instead where a durable
+on a new machine (empty run directory) takes the other nodes' id instead where the newest durable
 checkpoint proves the job continues that run (``agree_run_id``).
 The default base is a directory on the RAM disk only this user can enter. A
 run that completes removes its local directory (its final checkpoint is durable); one that is lost
@@ -70,26 +70,31 @@ def run_id(run_dir: Path, create: bool) -> str | None:
 
 
 def agree_run_id(run_dir: Path, env: DistEnv, keeps: bool, durable: CheckpointManager | None = None) -> str:
-    """Collective: the run's id, rank 0's (made at its first start); "" if rank 0 cannot keep one
-    (no local tier then). ``keeps``: this rank writes it into its node's run directory; ``durable``:
-    the durable checkpoints this rank writes, whose newest manifest says which run they belong to.
+    """Collective: the run's id, rank 0's (made at its first start, written once agreed); "" if
+    rank 0 cannot trust its run id file (no local tier then). ``keeps``: this rank writes it into
+    its node's run directory; ``durable``: the durable checkpoints this rank writes, whose newest
+    manifest says which run they belong to.
 
     A rank 0 whose run directory is new (a replaced machine, a wiped disk) takes the id the other
-    nodes hold instead of its new one, if they all hold the same one and a durable checkpoint on
-    some node carries it too: the job resumes that run's durable checkpoints anyway (they count by
-    where they are), so its node-local copies - newer - are that run's as well. Without such a
-    checkpoint the other nodes' ids may be an old run's: rank 0's new one wins, as before."""
+    nodes hold instead of its new one, if they all hold the same one and the newest durable
+    checkpoint rank 0 or another node's writer sees carries it too: the job resumes that run's
+    durable checkpoints anyway (they count by where they are), so its node-local copies - newer -
+    are that run's as well. Without such a checkpoint the other nodes' ids may be an old run's:
+    rank 0's new one wins, as before."""
     mine, fresh = "", False
     if env.rank == 0 or keeps:
         try:
             mine = run_id(run_dir, create=False) or ""
-            if env.rank == 0 and not mine:
-                mine, fresh = run_id(run_dir, create=True) or "", True
         except (OSError, Untrusted) as e:
             if env.rank == 0:
                 log.warning("no run id (%s): node-local checkpoints off", e)
-            mine = ""
-    said = json.dumps([mine, fresh, _stamped(durable)]).encode()
+            mine = "-"  # not "": rank 0 makes no new id over a run id file it cannot trust
+        # Written only once agreed: a node's other ranks, reading the same directory meanwhile,
+        # must not take a new id for a held one; an attempt that dies first leaves nothing behind.
+        if env.rank == 0 and not mine:
+            mine, fresh = uuid.uuid4().hex, True
+        mine = "" if mine == "-" else mine
+    said = json.dumps([mine, fresh, _stamped(durable), env.node]).encode()
     every = [json.loads(b) for b in comm.all_gather_bytes(said, env.device)]
     agreed, adopted = _job_id(every)
     if adopted and env.rank == 0:
@@ -99,7 +104,7 @@ def agree_run_id(run_dir: Path, env: DistEnv, keeps: bool, durable: CheckpointMa
             run_dir,
             agreed,
         )
-    if agreed and agreed != mine and (keeps or env.rank == 0):
+    if agreed and (agreed != mine or fresh) and (keeps or env.rank == 0):
         if mine and not fresh:
             log.warning(
                 "this node's run directory %s held run id %s; the job's is %s (rank 0's): "
@@ -118,12 +123,12 @@ def agree_run_id(run_dir: Path, env: DistEnv, keeps: bool, durable: CheckpointMa
 
 def _job_id(every: list[list]) -> tuple[str, bool]:
     """(the job's run id, whether rank 0 took the other nodes' instead of its fresh one) from every
-    rank's [its id, made just now, the id its newest durable checkpoint carries]."""
-    first, fresh, _ = every[0]
+    rank's [its id, made just now, the id its newest durable checkpoint carries, its node]."""
+    first, fresh, _, node = every[0]
     if not first or not fresh:
         return str(first), False
-    held = {str(i) for i, _, _ in every[1:] if i}
-    carried = {str(c) for _, _, c in every if c}
+    held = {str(i) for i, _, _, n in every[1:] if i and n != node}  # other nodes' run directories
+    carried = {str(c) for _, _, c, _ in every if c}
     if len(held) == 1 and held <= carried:
         return held.pop(), True
     return str(first), False

@@ -29,17 +29,26 @@ from train.ckpt import manifest as mf
 log = logging.getLogger(__name__)
 CHUNK = 16 << 20  # small enough to start sending early, big enough for gloo's full speed
 WINDOW = 2  # chunks in flight on a CPU backend
-RING = WINDOW + 2  # a receiver's host chunks: in flight, being checksummed, free
+RING = WINDOW + 2  # host chunks a side: in flight, being checksummed or built, free
 
 
 class _Chunks:
-    def __init__(self, size: int, device: torch.device, src: int, group: dist.ProcessGroup):
+    def __init__(
+        self,
+        size: int,
+        device: torch.device,
+        src: int,
+        group: dist.ProcessGroup,
+        staging: torch.Tensor | None = None,
+    ):
+        """``staging``: a device buffer of at least min(CHUNK, size) bytes to use (on a GPU backend;
+        else one is made)."""
         self.size, self.device, self.src, self.group = size, device, src, group
         self.done = 0  # bytes broadcast (sent, or handed to the backend)
         self._flying: deque = deque()
-        self._staging = (
-            torch.empty(min(CHUNK, size), dtype=torch.uint8, device=device) if device.type != "cpu" else None
-        )
+        if device.type != "cpu" and staging is None:
+            staging = torch.empty(min(CHUNK, size), dtype=torch.uint8, device=device)
+        self._staging = staging if device.type != "cpu" else None
 
     def _broadcast(self, view: np.ndarray, sending: bool, then: Callable[[], object] | None = None) -> None:
         host = torch.from_numpy(view)
@@ -72,23 +81,44 @@ class _Chunks:
 class Image(Protocol):
     """A file this rank decoded, able to give back any of its bytes (train.ckpt.decoder.Decoder)."""
 
+    @property
+    def on_host(self) -> bool: ...
+
     def copy_out(self, at: int, into: torch.Tensor) -> None: ...
+
+
+class _Ring:
+    """RING host chunks, made on first use and reused for every file (pinned for a GPU's copies)."""
+
+    def __init__(self, nbytes: int, pinned: bool):
+        self.nbytes, self.pinned = nbytes, pinned
+        self.chunks: list[torch.Tensor] = []
+
+    def get(self, index: int, n: int) -> torch.Tensor:
+        if not self.chunks:
+            self.chunks = [
+                torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pinned) for _ in range(RING)
+            ]
+        return self.chunks[index % RING][:n]
 
 
 class Sender(_Chunks):
     """Sends one file, every chunk built from where this rank decoded it (``Image.copy_out``): from
-    the tensors that keep its bytes, so that no copy of it is ever whole in memory here - on a GPU
-    backend straight into the device chunk, nothing of it on the host."""
+    the tensors that keep its bytes, so that no copy of it is ever whole in memory here. On a GPU
+    backend a file the rank holds on the GPU is built straight into the device chunk (nothing of it
+    on the host), one it holds on the host in a pinned host chunk copied over once."""
 
-    def send(self, image: Image) -> None:
-        host = self._staging is None
-        ring = [np.empty(min(CHUNK, self.size), dtype=np.uint8) for _ in range(RING if host else 0)]
+    def send(self, image: Image | None, ring: _Ring) -> None:
+        on_device = self._staging is not None and image is not None and not image.on_host
         index, failed = 0, False
         while self.done < self.size:
             n = min(CHUNK, self.size - self.done)
-            # A buffer of the ring is refilled only once its broadcast landed (WINDOW < RING).
-            chunk = torch.from_numpy(ring[index % RING][:n]) if host else self._staging[:n]
+            # A host chunk is refilled only once its broadcast landed (WINDOW < RING), or once its
+            # copy to the device returned (a copy from pinned memory without non_blocking waits).
+            chunk = self._staging[:n] if on_device and self._staging is not None else ring.get(index, n)
             try:
+                if image is None:
+                    raise ValueError("this rank holds no decoded copy of it")
                 image.copy_out(self.done, chunk)
             except Exception as e:  # never leave the receivers waiting: zeros, their checksum refuses them
                 if not failed:
@@ -96,10 +126,13 @@ class Sender(_Chunks):
                     log.warning("could not send a checkpoint file from byte %d: %s", self.done, why)
                 failed = True
                 chunk.zero_()
-            if host:
+            if self._staging is None:
                 self._broadcast(chunk.numpy(), sending=True)
             else:
-                dist.broadcast(chunk, self.src, group=self.group)
+                staged = self._staging[:n]
+                if not on_device:
+                    staged.copy_(chunk)
+                dist.broadcast(staged, self.src, group=self.group)
                 self.done += n
             index += 1
         self.drain()
@@ -157,6 +190,9 @@ def send_files(
     images: dict[str, Image], sizes: dict[str, int], device: torch.device, src: int, group: dist.ProcessGroup
 ) -> None:
     """A checkpoint's files, in ``sizes``' order (the receivers take them so), from this rank's
-    decoded copy of each."""
+    decoded copy of each; one device chunk and one ring of host chunks for them all."""
+    largest = min(CHUNK, max(sizes.values(), default=0))
+    ring = _Ring(largest, pinned=device.type == "cuda")
+    staging = torch.empty(largest, dtype=torch.uint8, device=device) if device.type != "cpu" else None
     for file, size in sizes.items():
-        Sender(size, device, src, group).send(images[file])
+        Sender(size, device, src, group, staging).send(images.get(file), ring)

@@ -80,6 +80,11 @@ class Decoder:
             raise ValueError("the header never completed")
         return assemble(self._tensors, self._metadata)
 
+    @property
+    def on_host(self) -> bool:
+        """Every byte copy_out() gives back is in host memory (none in a device's tensors)."""
+        return all(held.device.type == "cpu" for _, _, held in self._places or [])
+
     def copy_out(self, at: int, into: torch.Tensor) -> None:
         """The file's bytes from offset ``at`` into ``into`` (1-D uint8, any device), taken from
         where they were decoded to - the header kept here, the tensors that hold the rest - so that
