@@ -50,19 +50,19 @@ class _Chunks:
             staging = torch.empty(min(CHUNK, size), dtype=torch.uint8, device=device)
         self._staging = staging if device.type != "cpu" else None
 
-    def _broadcast(self, view: np.ndarray, sending: bool, then: Callable[[], object] | None = None) -> None:
+    def _broadcast(self, view: np.ndarray, then: Callable[[], object] | None = None) -> None:
+        """``view`` from the source to the group: on gloo in place, a few chunks in flight (a
+        Sender's and a receiver's); on a GPU backend received through the device chunk (a Sender
+        there broadcasts its device chunk itself)."""
         host = torch.from_numpy(view)
-        if self._staging is None:  # gloo: in place, a few chunks in flight
+        if self._staging is None:
             self._flying.append((dist.broadcast(host, self.src, group=self.group, async_op=True), then))
             while len(self._flying) > WINDOW:
                 self._land()
         else:
             chunk = self._staging[: host.numel()]
-            if sending:
-                chunk.copy_(host)
             dist.broadcast(chunk, self.src, group=self.group)
-            if not sending:
-                host.copy_(chunk)
+            host.copy_(chunk)
             if then is not None:
                 then()
         self.done += len(view)
@@ -127,7 +127,7 @@ class Sender(_Chunks):
                 failed = True
                 chunk.zero_()
             if self._staging is None:
-                self._broadcast(chunk.numpy(), sending=True)
+                self._broadcast(chunk.numpy())
             else:
                 staged = self._staging[:n]
                 if not on_device:
@@ -164,7 +164,7 @@ def receive(
             hashed[slot] = hashing.feed(memoryview(view))
             on_chunk(torch.from_numpy(view))
 
-        chunks._broadcast(view, sending=False, then=landed)
+        chunks._broadcast(view, then=landed)
     chunks.drain()
     return hashing.digest()
 

@@ -135,15 +135,10 @@ class CheckpointManager:
         """A checkpoint's manifest, checked (not its files); raises manifest.Problem."""
         return self._manifest(name)
 
-    def read_verified(
-        self, name: str, on_chunk: Callable[[str, memoryview], object] | None = None
-    ) -> tuple[dict, dict[str, bytes]]:
-        """All of a checkpoint's bytes, checked against its manifest; raises manifest.Problem.
-        ``on_chunk(file, piece)`` sees each file's bytes as they are read, in the manifest's order
-        (to pass them on while the rest is read, say)."""
+    def read_verified(self, name: str) -> tuple[dict, dict[str, bytes]]:
+        """All of a checkpoint's bytes, checked against its manifest; raises manifest.Problem."""
         manifest = self._manifest(name)
-        blobs = {file: self._read_checked(name, manifest, file, on_chunk) for file in manifest["files"]}
-        return manifest, blobs
+        return manifest, {file: self._read_checked(name, manifest, file) for file in manifest["files"]}
 
     def read_file(self, name: str, file: str) -> bytes | memoryview:
         """One of a checkpoint's files, checked against its manifest, the others not read; raises
@@ -153,24 +148,11 @@ class CheckpointManager:
             raise mf.Problem(f"it holds no {file} (files: {', '.join(sorted(manifest['files']))})")
         return self._read_checked(name, manifest, file)
 
-    def _read_checked(
-        self,
-        name: str,
-        manifest: dict,
-        file: str,
-        on_chunk: Callable[[str, memoryview], object] | None = None,
-    ) -> bytes | memoryview:
+    def _read_checked(self, name: str, manifest: dict, file: str) -> bytes | memoryview:
         hashing = mf.BackgroundChecksum()
-        feed = hashing.feed
-        if on_chunk is not None:
-
-            def feed(piece: memoryview) -> None:
-                hashing.feed(piece)
-                on_chunk(file, piece)
-
         hooks.point("ckpt.file_read")
         try:
-            data = self._read(name, file, on_chunk=feed, size=manifest["files"][file]["size"])
+            data = self._read(name, file, on_chunk=hashing.feed, size=manifest["files"][file]["size"])
         except FileNotFoundError:
             raise mf.Problem(f"{file} is missing") from None
         mf.check_file(manifest, file, data, hashing)
